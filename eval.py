@@ -1,0 +1,41 @@
+"""Evaluates the checkpoint in a workdir: per-class IoU, pixel accuracy and, last, `mIoU: 0.xxxx`.
+
+python eval.py --workdir=/tmp/fcn8s [--split=validation] [--checkpoint=latest|best|STEP]
+"""
+
+from absl import app, flags
+
+from flaxseg.training import cli, loop
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+flags.DEFINE_string("split", "validation", "Dataset split to evaluate.")
+flags.DEFINE_string(
+    "checkpoint", "latest", "'latest', 'best' (by validation mIoU) or a step number."
+)
+flags.DEFINE_string("data_dir", None, "TFDS data_dir, if different from training.")
+flags.DEFINE_string("manual_dir", None, "Folder with the VOC archives, if different from training.")
+flags.DEFINE_integer("batch_size", None, "Global evaluation batch size.")
+flags.DEFINE_integer("output_stride", None, "Evaluate at another output stride (DeepLab models).")
+
+
+def main(argv):
+    del argv
+    cli.enable_compilation_cache()
+    summary = cli.run_or_exit(
+        "eval.py",
+        loop.evaluate_workdir,
+        FLAGS.workdir,
+        split=FLAGS.split,
+        checkpoint=FLAGS.checkpoint,
+        data_dir=FLAGS.data_dir,
+        manual_dir=FLAGS.manual_dir,
+        batch_size=FLAGS.batch_size,
+        output_stride=FLAGS.output_stride,
+    )
+    print(f"checkpoint step {summary['step']}, split {FLAGS.split}")
+    print(summary["report"])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,71 @@
+"""flaxseg models: a registry of semantic-segmentation architectures (flax.linen modules).
+
+    from flaxseg import models
+    models.list_models()                       # ['fcn16s', 'fcn32s', 'fcn8s', ...]
+    model = models.create_model('fcn8s', num_classes=21, backbone='vgg16', dtype=jnp.bfloat16)
+    variables = model.init(rng, jnp.zeros((1, H, W, 3)), train=False)
+    logits = model.apply(variables, images, train=False)   # [B, H, W, num_classes] float32
+
+Contract shared by every model:
+  - NHWC float images of any H, W; logits come back float32 at exactly the input's H, W.
+  - Parameters are float32; ``dtype`` is the compute dtype.
+  - ``train=True`` needs ``rngs={'dropout': key}`` where the model has dropout and
+    ``mutable=['batch_stats']`` where it has BatchNorm.
+  - Auxiliary heads (e.g. PSPNet's stage-3 head) sow their logits, already at the input's
+    H×W and float32, into the ``'aux'`` collection (``layers.AUX_COLLECTION``, via
+    ``layers.sow_aux_logits``). The training loop applies with
+    ``mutable=['batch_stats', 'aux']`` and adds ``aux_loss_weight × cross-entropy`` for every
+    leaf of the returned ``'aux'`` collection (each leaf is one [B, H, W, num_classes] array);
+    evaluation applies without ``'aux'`` mutable. ``init`` also records the collection: keep
+    only 'params' and 'batch_stats' from initialised variables. Models without aux heads sow
+    nothing.
+
+The registry below is the single list of architectures; tests walk all of it.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from flaxseg.models import fcn, pspnet, refinenet, segnet, unet
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "fcn32s": fcn.FCN32s,
+    "fcn16s": fcn.FCN16s,
+    "fcn8s": fcn.FCN8s,
+    "segnet": segnet.SegNet,
+    "unet": unet.UNet,
+    "pspnet": pspnet.PSPNet,
+    "refinenet": refinenet.RefineNet,
+}
+
+
+def list_models() -> list[str]:
+    """Sorted names accepted by ``create_model``."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` with ``num_classes`` outputs.
+
+    ``kwargs`` go to the model's constructor (``backbone``, ``dtype``, width knobs, ...).
+    """
+    if name not in _MODELS:
+        raise ValueError(
+            f"Unknown model {name!r}; available models: {', '.join(list_models())}.")
+    return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def count_params(variables_or_shapes: Mapping[str, Any]) -> int:
+    """Number of scalars in the ``'params'`` collection of variables (or of their eval_shape).
+
+    A bare params tree (no ``'params'`` key) is counted whole.
+    """
+    params = variables_or_shapes.get("params", variables_or_shapes)
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+__all__ = ["count_params", "create_model", "list_models"]

@@ -1,0 +1,242 @@
+"""Aligned Xception-65 (Chen et al., DeepLab v3+, ECCV 2018, Sec. 3.3 and Fig. 4).
+
+The modified Xception of DeepLab v3+: a deeper middle flow (16 units), every max-pool replaced
+by a strided depthwise-separable convolution (so atrous rates can replace strides), and BN + ReLU
+after every 3×3 depthwise conv in the exit flow's last unit.
+
+  stem:   3×3 conv 32 stride 2, 3×3 conv 64 (each + BN + ReLU)
+  entry:  3 units (128, 256, 728), each ReLU-sepconv ×3 with the last one strided, plus a
+          1×1 strided conv + BN shortcut
+  middle: 16 units of 728 with identity shortcuts
+  exit:   one unit (728, 1024, 1024) strided with a conv shortcut, one unit (1536, 1536, 2048)
+          of sepconv + BN + ReLU with no shortcut
+
+A separable conv is depthwise 3×3 → BN → [ReLU] → pointwise 1×1 → BN → [ReLU]. Module and
+parameter names mirror timm's ``xception65`` (``blocks.3.stack.conv2.conv_dw.weight`` is
+``params/blocks_3/stack_conv2/conv_dw/kernel``), whose weights (ported from the TF DeepLab
+checkpoints) therefore load through ``timm_xception65_key_map``. BatchNorm epsilon is 1e-3 as in
+TF and timm.
+
+Output stride: strides are replaced by dilation as in TF DeepLab and timm — the unit whose
+stride is removed keeps the current rate and every later unit has the rate multiplied by 2. With
+``multi_grid`` the three separable convs of the last unit get ``rate × multi_grid`` (TF DeepLab's
+``unit_rate_list``). Neither changes a parameter shape.
+
+Features, keyed by nominal stride, are TF DeepLab's end points: the output of the second
+separable conv (its pointwise BN, before the ReLU) of the unit that downsamples next, i.e. the
+last map at that resolution — ``4`` is v3+'s low-level feature ``entry_flow/block2/unit_1/
+xception_module/separable_conv2_pointwise`` — and ``32`` the network's output.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxseg.models.backbones.resnet import check_output_stride
+from flaxseg.models.layers import BN_MOMENTUM, Dtype, he_normal_fan_out
+
+XCEPTION_BN_EPSILON = 1e-3
+# (channels of the three separable convs, stride) of the entry-flow units, the middle-flow unit
+# and the exit-flow units, at base_width 64.
+_ENTRY = (((128, 128, 128), 2), ((256, 256, 256), 2), ((728, 728, 728), 2))
+_MIDDLE = ((728, 728, 728), 1)
+_EXIT = (((728, 1024, 1024), 2), ((1536, 1536, 2048), 1))
+
+
+def _scaled(channels: int, base_width: int) -> int:
+    return max(1, channels * base_width // 64)
+
+
+def xception65_channels(base_width: int = 64) -> dict[int, int]:
+    """Channels of the feature maps ``Xception65`` returns, keyed by nominal stride."""
+    return {4: _scaled(256, base_width), 8: _scaled(728, base_width),
+            16: _scaled(1024, base_width), 32: _scaled(2048, base_width)}
+
+
+class SeparableConv(nn.Module):
+    """Depthwise k×k conv (stride, dilation) → BN → [act] → pointwise 1×1 → BN → [act].
+
+    [B, H, W, C] -> [B, H', W', features], H' = floor((H − 1) / stride) + 1 (padding =
+    dilation·(k − 1) / 2, PyTorch-style symmetric). Children ``conv_dw``, ``bn_dw``, ``conv_pw``,
+    ``bn_pw`` as in timm; used by Xception and by the DeepLab v3+ ASPP/decoder.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    dilation: int = 1
+    activation: Callable[[jax.Array], jax.Array] | None = None
+    bn_epsilon: float = XCEPTION_BN_EPSILON
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=BN_MOMENTUM, epsilon=self.bn_epsilon, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        act = self.activation or (lambda y: y)
+        k, s, d = self.kernel_size, self.stride, self.dilation
+        pad = d * (k - 1) // 2
+        channels = x.shape[-1]
+        x = nn.Conv(channels, (k, k), strides=(s, s), padding=((pad, pad), (pad, pad)),
+                    kernel_dilation=(d, d), feature_group_count=channels, use_bias=False,
+                    kernel_init=he_normal_fan_out(), dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="conv_dw")(x)
+        x = act(norm(name="bn_dw")(x))
+        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=he_normal_fan_out(),
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv_pw")(x)
+        return act(norm(name="bn_pw")(x))
+
+
+class XceptionUnit(nn.Module):
+    """One Xception module: three separable convs (the last one strided) plus a shortcut.
+
+    ``start_with_relu``: ReLU before each separable conv and none inside (entry/middle flow and
+    the first exit unit); otherwise ReLU after each BN inside (the last exit unit). The shortcut
+    is a strided 1×1 conv + BN when shape changes, the identity otherwise, or absent
+    (``skip=False``). Returns (output, end point), the end point being the second separable
+    conv's output (see the module docstring).
+    """
+
+    features: Sequence[int]
+    stride: int = 1
+    dilations: Sequence[int] = (1, 1, 1)
+    start_with_relu: bool = True
+    skip: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        inner_act = None if self.start_with_relu else nn.relu
+        y, end_point = x, x
+        for i, (channels, rate) in enumerate(zip(self.features, self.dilations)):
+            if self.start_with_relu:
+                y = nn.relu(y)
+            y = SeparableConv(channels, stride=self.stride if i == 2 else 1, dilation=rate,
+                              activation=inner_act, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=f"stack_conv{i + 1}")(y, train)
+            if i == 1:
+                end_point = y
+        if not self.skip:
+            return y, end_point
+        if self.stride != 1 or x.shape[-1] != self.features[-1]:
+            s = self.stride
+            x = nn.Conv(self.features[-1], (1, 1), strides=(s, s), use_bias=False,
+                        kernel_init=he_normal_fan_out(), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="shortcut_conv")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=XCEPTION_BN_EPSILON, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="shortcut_bn")(x)
+        return y + x, end_point
+
+
+def _unit_configs(num_middle_units: int):
+    return list(_ENTRY) + [_MIDDLE] * num_middle_units + list(_EXIT)
+
+
+class Xception65(nn.Module):
+    """Aligned Xception-65 feature extractor (see the module docstring).
+
+    Input [B, H, W, 3]; output ``{4, 8, 16, 32}`` -> feature maps (nominal strides) with
+    ``xception65_channels(base_width)`` channels (256, 728, 1024, 2048 at base_width 64).
+    ``num_middle_units`` (16 in the paper) and ``base_width`` only exist to build tiny test nets.
+    """
+
+    output_stride: int = 32
+    multi_grid: tuple[int, ...] = (1, 1, 1)
+    base_width: int = 64
+    num_middle_units: int = 16
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        check_output_stride(self.output_stride)
+        if len(self.multi_grid) != 3 or any(int(m) != m or m < 1 for m in self.multi_grid):
+            raise ValueError(
+                f"multi_grid must hold 3 positive integer rates (one per separable conv of the "
+                f"last exit-flow unit), got {tuple(self.multi_grid)!r}.")
+        if self.base_width < 1 or self.num_middle_units < 0:
+            raise ValueError(
+                f"base_width must be at least 1 and num_middle_units at least 0, got "
+                f"{self.base_width} and {self.num_middle_units}.")
+        super().__post_init__()
+
+    @property
+    def out_channels(self) -> dict[int, int]:
+        return xception65_channels(self.base_width)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
+        x = x.astype(self.dtype)
+        for index, (channels, stride) in enumerate(((32, 2), (64, 1))):
+            x = nn.Conv(_scaled(channels, self.base_width), (3, 3), strides=(stride, stride),
+                        padding=((1, 1), (1, 1)), use_bias=False,
+                        kernel_init=he_normal_fan_out(), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=f"stem_{index}_conv")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=XCEPTION_BN_EPSILON, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=f"stem_{index}_bn")(x)
+            x = nn.relu(x)
+
+        features, current_stride, rate = {}, 2, 1
+        configs = _unit_configs(self.num_middle_units)
+        for index, (channels, stride) in enumerate(configs):
+            unit_rate = rate
+            if stride > 1 and current_stride * stride > self.output_stride:
+                rate, stride = rate * stride, 1
+            elif stride > 1:
+                current_stride *= stride
+            last = index == len(configs) - 1
+            rates = tuple(unit_rate * int(m) for m in self.multi_grid) if last else (unit_rate,) * 3
+            x, end_point = XceptionUnit(
+                tuple(_scaled(c, self.base_width) for c in channels), stride=stride,
+                dilations=rates, start_with_relu=not last, skip=not last, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"blocks_{index}")(x, train)
+            # Units that downsample (nominally) close a resolution: their end point is its
+            # last map. The first unit's (stride 2) is not returned.
+            if configs[index][1] > 1 and index > 0:
+                features[4 * 2 ** len(features)] = end_point
+        features[32] = x
+        return features
+
+
+def timm_xception65_key_map(num_middle_units: int = 16) -> dict[tuple[str, ...], str]:
+    """Map flax variable paths of ``Xception65`` to timm ``xception65`` state-dict keys.
+
+    ``('params', 'blocks_3', 'stack_conv2', 'conv_dw', 'kernel') ->
+    'blocks.3.stack.conv2.conv_dw.weight'``; timm's classifier (``head.fc.*``) has no
+    counterpart.
+    """
+
+    def bn(flax_path: tuple[str, ...], torch_name: str) -> dict[tuple[str, ...], str]:
+        return {("params", *flax_path, "scale"): f"{torch_name}.weight",
+                ("params", *flax_path, "bias"): f"{torch_name}.bias",
+                ("batch_stats", *flax_path, "mean"): f"{torch_name}.running_mean",
+                ("batch_stats", *flax_path, "var"): f"{torch_name}.running_var"}
+
+    key_map = {}
+    for index in range(2):
+        key_map[("params", f"stem_{index}_conv", "kernel")] = f"stem.{index}.conv.weight"
+        key_map.update(bn((f"stem_{index}_bn",), f"stem.{index}.bn"))
+    configs = _unit_configs(num_middle_units)
+    in_channels = 64
+    for index, (channels, stride) in enumerate(configs):
+        block, torch_block = f"blocks_{index}", f"blocks.{index}"
+        for i in range(1, 4):
+            flax_conv, torch_conv = (block, f"stack_conv{i}"), f"{torch_block}.stack.conv{i}"
+            for part in ("dw", "pw"):
+                key_map[("params", *flax_conv, f"conv_{part}", "kernel")] = (
+                    f"{torch_conv}.conv_{part}.weight")
+                key_map.update(bn((*flax_conv, f"bn_{part}"), f"{torch_conv}.bn_{part}"))
+        last = index == len(configs) - 1
+        if not last and (stride != 1 or in_channels != channels[-1]):
+            key_map[("params", block, "shortcut_conv", "kernel")] = (
+                f"{torch_block}.shortcut.conv.weight")
+            key_map.update(bn((block, "shortcut_bn"), f"{torch_block}.shortcut.bn"))
+        in_channels = channels[-1]
+    return key_map

@@ -1,0 +1,121 @@
+"""DeepLab v3 (Chen, Papandreou, Schroff & Adam, "Rethinking Atrous Convolution for Semantic
+Image Segmentation", arXiv:1706.05587, 2017).
+
+Dilated backbone (ResNet-101 by default, multi-grid (1, 2, 4) in layer4) → ASPP (1×1, three 3×3
+atrous convs and image pooling, 256 channels each with BN + ReLU, concatenated, 1×1 projection
++ BN + ReLU) → 1×1 classifier → bilinear upsampling to the input size.
+
+The atrous rates are (6, 12, 18) at output stride 16 and scale with it (doubled at 8), as the
+paper prescribes. ``output_stride`` only changes strides and rates, never a parameter shape:
+train at 16 and evaluate at 8 by building the model again with ``output_stride=8`` (or passing
+``output_stride=8`` to ``apply``) with the same variables.
+
+``head='torchvision'`` reproduces torchvision's ``deeplabv3_resnet50/101`` exactly (so its
+checkpoints convert, see ``flaxseg.weights.convert_torchvision``): ASPP with dropout 0.5 after
+the projection, then an extra 3×3 conv 256 + BN + ReLU before the classifier; its defaults are
+output stride 8 and no multi-grid (torchvision's rates 12/24/36 are the paper's at stride 8).
+``aux_head=True`` adds torchvision's auxiliary FCNHead on the stride-16 features (layer3); its
+logits go to the ``'aux'`` collection (``layers.sow_aux_logits``).
+
+Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxseg.models.backbones.dilated import (DILATED_BACKBONES, check_backbone,
+                                              default_multi_grid, make_dilated_backbone)
+from flaxseg.models.backbones.resnet import check_output_stride, torchvision_resnet_key_map
+from flaxseg.models.heads import (ASPP, FCNHead, conv_bn_key_map, scale_atrous_rates,
+                                  torchvision_aspp_key_map, torchvision_fcn_head_key_map)
+from flaxseg.models.layers import ConvBNAct, Dtype, resize_bilinear, sow_aux_logits
+
+HEADS = ("paper", "torchvision")
+
+
+class DeepLabV3(nn.Module):
+    """DeepLab v3 (see the module docstring).
+
+    Attributes:
+      num_classes: output channels.
+      backbone: 'resnet50', 'resnet101', 'resnet152' or 'xception65'.
+      output_stride: 8, 16 or 32; default 16 ('paper') or 8 ('torchvision').
+      multi_grid: layer4 unit rates; default (1, 2, 4) for ResNets with the paper head, else none.
+      head: 'paper' or 'torchvision' (see the module docstring).
+      aux_head: torchvision's auxiliary FCNHead on the stride-16 features.
+      atrous_rates: ASPP rates at output stride 16.
+      aspp_channels, base_width: width knobs (256 and 64 are the paper's).
+    ``train=True`` needs ``mutable=['batch_stats']`` (and ``'aux'`` with ``aux_head``) and
+    ``rngs={'dropout': key}``.
+    """
+
+    num_classes: int
+    backbone: str = "resnet101"
+    output_stride: int | None = None
+    multi_grid: tuple[int, ...] | None = None
+    head: str = "paper"
+    aux_head: bool = False
+    atrous_rates: tuple[int, ...] = (6, 12, 18)
+    aspp_channels: int = 256
+    base_width: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        check_backbone(self.backbone, DILATED_BACKBONES, "DeepLab v3")
+        if self.head not in HEADS:
+            raise ValueError(
+                f"Unknown DeepLab v3 head {self.head!r}; valid heads: {', '.join(map(repr, HEADS))}.")
+        if self.output_stride is not None:
+            check_output_stride(self.output_stride)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False,
+                 output_stride: int | None = None) -> jax.Array:
+        torchvision_head = self.head == "torchvision"
+        output_stride = output_stride or self.output_stride or (8 if torchvision_head else 16)
+        check_output_stride(output_stride)
+        multi_grid = self.multi_grid or (
+            (1, 1, 1) if torchvision_head else default_multi_grid(self.backbone))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        features = make_dilated_backbone(self.backbone, output_stride=output_stride,
+                                         multi_grid=multi_grid, base_width=self.base_width,
+                                         name="backbone", **kw)(images, train)
+        x = ASPP(self.aspp_channels, scale_atrous_rates(self.atrous_rates, 16, output_stride),
+                 dropout_rate=0.5 if torchvision_head else 0.1, name="aspp", **kw)(
+                     features[32], train)
+        if torchvision_head:
+            x = ConvBNAct(self.aspp_channels, 3, name="head_conv", **kw)(x, train)
+        x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+
+        size = images.shape[1:3]
+        if self.aux_head:
+            aux = FCNHead(self.num_classes, name="aux_head", **kw)(features[16], train)
+            sow_aux_logits(self, "aux_logits", aux, size)
+        return resize_bilinear(x, size).astype(jnp.float32)
+
+
+DeepLabV3Torchvision = functools.partial(DeepLabV3, head="torchvision")
+
+
+def torchvision_deeplabv3_key_map(depth: int = 101,
+                                  aux_head: bool = False) -> dict[tuple[str, ...], str]:
+    """Flax paths of ``DeepLabV3(head='torchvision', backbone=f'resnet{depth}')`` -> keys of
+    torchvision's ``deeplabv3_resnet<depth>`` state dict (``aux_classifier.*`` with
+    ``aux_head``)."""
+    key_map = {(path[0], "backbone", *path[1:]): f"backbone.{key}"
+               for path, key in torchvision_resnet_key_map(depth).items()}
+    key_map.update(torchvision_aspp_key_map(("aspp",), "classifier.0"))
+    key_map.update(conv_bn_key_map(("head_conv",), "classifier.1", "classifier.2"))
+    key_map[("params", "classifier", "kernel")] = "classifier.4.weight"
+    key_map[("params", "classifier", "bias")] = "classifier.4.bias"
+    if aux_head:
+        key_map.update(torchvision_fcn_head_key_map(("aux_head",), "aux_classifier"))
+    return key_map

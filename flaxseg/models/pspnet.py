@@ -1,0 +1,129 @@
+"""PSPNet (Zhao, Shi, Qi, Wang & Jia, "Pyramid Scene Parsing Network", CVPR 2017).
+
+Backbone: dilated ResNet-50/101/152 with the deep stem (three 3×3 convs), output stride 8
+(layer3 and layer4 dilated 2 and 4), from ``backbones/resnet.py``.
+
+Pyramid pooling module on layer4's C channels: for each bin count b in (1, 2, 3, 6), adaptive
+average pooling to b×b (PyTorch's ``AdaptiveAvgPool2d`` bins, which overlap when b does not
+divide the map), 1×1 conv to C/4 + BN + ReLU, bilinear upsampling back to the map's size; the
+four results are concatenated with the map itself (2C channels), then 3×3 conv 512 + BN + ReLU,
+dropout 0.1 and a 1×1 classifier, upsampled bilinearly to the input.
+
+Auxiliary head (deep supervision, paper Sec. 3.4, loss weight 0.4 in the training config) on
+layer3: 3×3 conv 256 + BN + ReLU, dropout 0.1, 1×1 classifier. It is built at init and run only
+when ``train=True``; its logits are sown through ``layers.sow_aux_logits`` as
+``aux['layer3']`` of the returned mutable collections, float32 at the input's size.
+
+Bilinear resizes use half-pixel centres (``align_corners=False``, MMSegmentation's choice;
+the Caffe original's Interp layer aligns corners). Shapes: [B, H, W, 3] normalised images ->
+[B, H, W, num_classes] float32 logits.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxseg.models.backbones.resnet import ResNet, check_output_stride
+from flaxseg.models.layers import ConvBNAct, Dtype, resize_bilinear, sow_aux_logits
+from flaxseg.models.pooling import adaptive_avg_pool
+
+BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling module: [B, h, w, C] -> [B, h, w, C + len(bins)·C/4]."""
+
+    bins: Sequence[int] = (1, 2, 3, 6)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        size = x.shape[1:3]
+        reduced = max(1, x.shape[-1] // len(self.bins))
+        branches = [x]
+        for b in self.bins:
+            y = adaptive_avg_pool(x, b)
+            y = ConvBNAct(reduced, 1, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f"bin{b}")(y, train)
+            branches.append(resize_bilinear(y, size))
+        return jnp.concatenate(branches, axis=-1)
+
+
+class FCNHead(nn.Module):
+    """3×3 conv + BN + ReLU, dropout, 1×1 classifier (PSPNet's final and auxiliary heads)."""
+
+    num_classes: int
+    channels: int
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = ConvBNAct(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="conv")(x, train)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="classifier")(x)
+
+
+class PSPNet(nn.Module):
+    """PSPNet on a dilated deep-stem ResNet.
+
+    Attributes:
+      num_classes: output channels of the logits.
+      backbone: 'resnet50', 'resnet101' or 'resnet152'.
+      output_stride: 8 (the paper), 16 or 32.
+      base_width: the ResNet's width knob (64 = standard); the PPM reduces to C/4 of layer4.
+      bins: pyramid bin counts.
+      head_channels / aux_channels: widths of the 3×3 convs of the final and auxiliary heads.
+      aux_head: whether to build the layer3 auxiliary head.
+      dropout_rate: dropout before both classifiers.
+    ``train=True`` needs ``mutable=['batch_stats']`` (plus ``'aux'`` to collect the auxiliary
+    logits) and ``rngs={'dropout': key}``.
+    """
+
+    num_classes: int
+    backbone: str = "resnet101"
+    output_stride: int = 8
+    base_width: int = 64
+    bins: Sequence[int] = (1, 2, 3, 6)
+    head_channels: int = 512
+    aux_channels: int = 256
+    aux_head: bool = True
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"Unknown backbone {self.backbone!r} for PSPNet; valid backbones: "
+                f"{', '.join(map(repr, BACKBONES))}.")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_output_stride(self.output_stride)
+        if not self.bins or any(int(b) != b or b < 1 for b in self.bins):
+            raise ValueError(f"bins must be positive integers, got {tuple(self.bins)!r}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        size = images.shape[1:3]
+        features = ResNet(depth=BACKBONES[self.backbone], output_stride=self.output_stride,
+                          deep_stem=True, base_width=self.base_width, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="backbone")(images, train)
+        x = PyramidPooling(tuple(self.bins), self.dtype, self.param_dtype, name="ppm")(
+            features[32], train)
+        logits = FCNHead(self.num_classes, self.head_channels, self.dropout_rate, self.dtype,
+                         self.param_dtype, name="head")(x, train)
+        # Built at init so the variables exist; run only in training, where its loss is used.
+        if self.aux_head and (train or self.is_initializing()):
+            aux = FCNHead(self.num_classes, self.aux_channels, self.dropout_rate, self.dtype,
+                          self.param_dtype, name="aux_head")(features[16], train)
+            if train:
+                sow_aux_logits(self, "layer3", aux, size)
+        return resize_bilinear(logits, size).astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Training: train state, pure steps, losses, schedules, checkpoints and the loop."""

@@ -1,0 +1,143 @@
+"""Orbax checkpoints in `<workdir>/checkpoints`.
+
+Each checkpoint holds three items:
+    * 'state': step, params, batch_stats and optimiser state;
+    * 'data':  the input iterator's position (a JSON dict), so an interrupted run resumes exactly;
+    * 'meta':  the model spec (name, num_classes, backbone, keyword arguments) and the run's config, so
+                          eval.py can rebuild the model from the workdir alone and a run with another model cannot
+                          silently overwrite it.
+Retention: the last `keep` checkpoints plus the best one by validation mIoU (saved with metrics).
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed run
+never leaves a half-written checkpoint behind as the latest.
+"""
+
+from pathlib import Path
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+_ITEMS = ("state", "data", "meta")
+# Keyword arguments that change only how a model computes, not which parameters it has.
+_COMPUTE_ONLY_KWARGS = ("dtype",)
+
+
+def checkpoint_dir(workdir) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def create_manager(workdir, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    policy = checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics["miou"],
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=None if read_only else policy,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=_ITEMS)
+
+
+def save(
+    manager, step: int, *, state: dict, data_state: dict, meta: dict, metrics: Optional[dict] = None
+) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=metrics,
+    )
+
+
+def restore(manager, step: int, abstract_state: Optional[Any] = None) -> dict:
+    """Restores {'state', 'data', 'meta'}; without `abstract_state` the arrays come back as saved."""
+    state_args = (
+        ocp.args.StandardRestore(abstract_state)
+        if abstract_state is not None
+        else ocp.args.StandardRestore()
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return {name: restored[name] for name in _ITEMS}
+
+
+def read_meta(manager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def best_step(manager) -> Optional[int]:
+    """The step with the highest recorded validation mIoU, or None if no checkpoint has metrics."""
+    scored = [
+        (manager.metrics(step)["miou"], step)
+        for step in manager.all_steps()
+        if manager.metrics(step) and "miou" in manager.metrics(step)
+    ]
+    return max(scored)[1] if scored else None
+
+
+def resolve_step(manager, which: str) -> int:
+    """Maps 'latest', 'best' or a step number to an existing step; one clear error otherwise."""
+    steps = manager.all_steps()
+    where = checkpoint_dir(Path(manager.directory).parent)
+    if not steps:
+        raise FileNotFoundError(
+            f"No checkpoint found in {where}; train first with train.py --workdir."
+        )
+    if which == "latest":
+        return manager.latest_step()
+    if which == "best":
+        step = best_step(manager)
+        if step is None:
+            raise ValueError(
+                f"No checkpoint in {where} was saved with a validation mIoU; "
+                "use --checkpoint=latest."
+            )
+        return step
+    if not str(which).isdigit() or int(which) not in steps:
+        raise ValueError(
+            f"--checkpoint={which!r} is not 'latest', 'best' or one of the saved steps "
+            f"{sorted(steps)} in {where}."
+        )
+    return int(which)
+
+
+def _architecture(spec: dict) -> dict:
+    kwargs = {
+        k: v for k, v in spec.get("model_kwargs", {}).items() if k not in _COMPUTE_ONLY_KWARGS
+    }
+    return {
+        "model": spec["model"],
+        "num_classes": spec["num_classes"],
+        "backbone": spec.get("backbone"),
+        "model_kwargs": kwargs,
+    }
+
+
+def check_compatible(saved_spec: dict, requested_spec: dict, workdir) -> None:
+    """Refuses to resume (and so to overwrite) a workdir whose checkpoint holds another model."""
+    saved, requested = _architecture(saved_spec), _architecture(requested_spec)
+    if saved != requested:
+        differences = ", ".join(
+            f"{key}={saved[key]!r} (requested {requested[key]!r})"
+            for key in saved
+            if saved[key] != requested[key]
+        )
+        raise ValueError(
+            f"Workdir {workdir} holds a checkpoint of a different model: {differences}; "
+            "it was left untouched: pass a new --workdir or the same model settings."
+        )

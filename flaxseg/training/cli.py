@@ -1,0 +1,27 @@
+"""Shared set-up for the absl entry points (train.py, eval.py)."""
+
+import os
+import sys
+
+import jax
+from absl import logging
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA compilation cache, so a second run (or a resume) skips recompiling."""
+    directory = os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR",
+        os.path.join(os.path.expanduser("~"), ".cache", "flaxseg_jax_cache"),
+    )
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_or_exit(program: str, fn, *args, **kwargs):
+    """Calls fn; an error a user caused (bad flag, path, data, workdir) ends in one line, exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        logging.debug("%s failed", program, exc_info=True)
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(2)

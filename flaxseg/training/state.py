@@ -1,0 +1,54 @@
+"""The train state: a plain pytree of step, params, BatchNorm statistics and optimiser state."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+def init_variables(model, rng, input_shape):
+    """Initialises the model's variables for an input of shape [B, H, W, 3] (float32 params)."""
+    return model.init(
+        {"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32), train=False
+    )
+
+
+def create_train_state(model, tx, rng, input_shape) -> TrainState:
+    variables = init_variables(model, rng, input_shape)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+    )
+
+
+def abstract_train_state(model, tx, input_shape) -> TrainState:
+    """Shapes and dtypes of the train state, without allocating it (for restoring checkpoints)."""
+    return jax.eval_shape(
+        lambda rng: create_train_state(model, tx, rng, input_shape), jax.random.key(0)
+    )
+
+
+def state_to_checkpoint(state: TrainState) -> dict:
+    """The saved part of the state (apply_fn and tx are rebuilt from the recorded model spec)."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
+
+
+def state_from_checkpoint(state: TrainState, restored: dict) -> TrainState:
+    return state.replace(
+        step=restored["step"],
+        params=restored["params"],
+        batch_stats=restored["batch_stats"],
+        opt_state=restored["opt_state"],
+    )

@@ -1,0 +1,96 @@
+"""Pure train and eval steps: `(state, batch, rng) -> (state, metrics)`.
+
+No host I/O, no Python side effects, static shapes, so each jits once. The same functions run
+    * under `jax.jit` on a device mesh with the batch sharded along 'data' (the main path): the loss is a
+        mean over the global batch, so gradients and BatchNorm batch statistics are global by construction;
+    * under `jax.pmap(..., axis_name=...)`, given `axis_name`: gradients, BatchNorm running statistics and
+        metrics are averaged (the confusion matrix summed) over that axis.
+Configuration (ignore label, auxiliary-loss weight, class count) is bound with functools.partial
+before jitting; nothing is read from a global.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from flaxseg import metrics as metrics_lib
+from flaxseg.models.layers import AUX_COLLECTION
+from flaxseg.training.losses import cross_entropy_with_ignore
+
+
+def _variables(params, batch_stats):
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    return variables
+
+
+def train_step(
+    state,
+    batch,
+    rng,
+    *,
+    ignore_label: int,
+    aux_loss_weight: float = 0.4,
+    axis_name: Optional[str] = None,
+):
+    """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
+
+    `rng` is the run's base dropout key; the step folds in the step number (and the device index under
+    pmap), so a resumed run draws the same dropout masks as an uninterrupted one.
+    Auxiliary logits that a model sows into the 'aux' collection add `aux_loss_weight` × their
+    cross-entropy to the loss.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            _variables(params, state.batch_stats),
+            batch["image"],
+            train=True,
+            mutable=["batch_stats", AUX_COLLECTION],
+            rngs={"dropout": step_rng},
+        )
+        main_loss, _ = cross_entropy_with_ignore(logits, batch["label"], ignore_label)
+        aux_losses = [
+            cross_entropy_with_ignore(aux, batch["label"], ignore_label)[0]
+            for aux in jax.tree.leaves(updates.get(AUX_COLLECTION, {}))
+        ]
+        aux_loss = sum(aux_losses) if aux_losses else jnp.zeros((), jnp.float32)
+        total = main_loss + aux_loss_weight * aux_loss
+        return total, (updates.get("batch_stats", state.batch_stats), logits, main_loss, aux_loss)
+
+    grads, (batch_stats, logits, main_loss, aux_loss) = jax.grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    valid = batch["label"] != ignore_label
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & valid)
+    metrics = {
+        "loss": main_loss + aux_loss_weight * aux_loss,
+        "ce_loss": main_loss,
+        "aux_loss": aux_loss,
+        "pixel_accuracy": correct / jnp.maximum(valid.sum(), 1),
+    }
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        batch_stats = jax.lax.pmean(batch_stats, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, metrics
+
+
+def eval_step(
+    state, batch, *, num_classes: int, ignore_label: int, axis_name: Optional[str] = None
+):
+    """Confusion matrix [num_classes, num_classes] of the batch (summed over `axis_name` if given)."""
+    logits = state.apply_fn(
+        _variables(state.params, state.batch_stats), batch["image"], train=False
+    )
+    predictions = jnp.argmax(logits, axis=-1)
+    confusion = metrics_lib.confusion_matrix(batch["label"], predictions, num_classes, ignore_label)
+    if axis_name is not None:
+        confusion = jax.lax.psum(confusion, axis_name)
+    return confusion

@@ -1,0 +1,428 @@
+"""Model registry, every registered model at tiny width, FCN geometry and parameter counts,
+backbones against torchvision."""
+
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from flaxseg import models
+from flaxseg.models import backbones, fcn
+
+
+def _import_torchvision():
+    # The torchvision wheel is built for CUDA; on CPU torch its compiled-op registrations must be
+    # stubbed before import (models work, compiled ops such as nms do not).
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    import torchvision
+    return torchvision
+
+
+torchvision = _import_torchvision()
+
+NUM_CLASSES = 5
+# Tiny settings for every registered model; a model added to the registry must be added here.
+TINY_KWARGS = {
+    "fcn32s": dict(base_width=4, fc_channels=16),
+    "fcn16s": dict(base_width=4, fc_channels=16),
+    "fcn8s": dict(base_width=4, fc_channels=16),
+}
+
+
+def _tiny(name, **kwargs):
+    return models.create_model(name, num_classes=NUM_CLASSES, **TINY_KWARGS[name], **kwargs)
+
+
+def _perturbed(variables, seed=0, scale=0.1):
+    # FCN's score layers start at zero (as in the paper), which would make every logit 0 and
+    # the checks below vacuous; noise on all params gives a generic network.
+    leaves, treedef = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+             for k, leaf in zip(keys, leaves)]
+    return {**variables, "params": jax.tree.unflatten(treedef, noisy)}
+
+
+def _init(model, height=35, width=47):
+    return _perturbed(model.init(jax.random.key(0), jnp.zeros((1, height, width, 3)),
+                                 train=False))
+
+
+def _images(batch, height, width, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, height, width, 3))
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_list_models_is_sorted_and_has_the_fcn_family():
+    names = models.list_models()
+    assert names == sorted(names)
+    assert {"fcn8s", "fcn16s", "fcn32s"} <= set(names)
+
+
+def test_every_registered_model_has_tiny_test_settings():
+    assert set(models.list_models()) == set(TINY_KWARGS)
+
+
+def test_create_model_unknown_name_lists_available_models():
+    with pytest.raises(ValueError, match="Unknown model 'fcn4s'") as err:
+        models.create_model("fcn4s", num_classes=21)
+    for name in models.list_models():
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fcn8s", "fcn16s"])
+def test_fcn_unknown_backbone_lists_valid_ones(name):
+    with pytest.raises(ValueError, match="'vgg16', 'vgg16_bn'") as err:
+        models.create_model(name, num_classes=21, backbone="resnet50")
+    assert "'resnet50'" in str(err.value) and "alexnet" not in str(err.value)
+
+
+def test_fcn32s_unknown_backbone_lists_alexnet_too():
+    with pytest.raises(ValueError, match="'vgg16', 'vgg16_bn', 'alexnet'"):
+        models.create_model("fcn32s", num_classes=21, backbone="vgg19")
+
+
+@pytest.mark.parametrize("name", ["fcn8s", "fcn16s"])
+def test_alexnet_is_refused_for_skip_fcns(name):
+    with pytest.raises(ValueError, match="'alexnet' is only available for FCN-32s"):
+        models.create_model(name, num_classes=21, backbone="alexnet")
+
+
+def test_create_model_passes_settings_through():
+    model = models.create_model("fcn16s", num_classes=7, backbone="vgg16_bn", dtype=jnp.bfloat16,
+                                fc_channels=32)
+    assert (model.num_classes, model.prediction_stride, model.backbone, model.dtype,
+            model.fc_channels) == (7, 16, "vgg16_bn", jnp.bfloat16, 32)
+
+
+def test_count_params_accepts_variables_shapes_and_bare_params():
+    model = _tiny("fcn32s")
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    expected = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    assert models.count_params(variables) == models.count_params(shapes) == expected
+    assert models.count_params(variables["params"]) == expected
+
+
+# ----------------------------------------------------------------------------- every model
+
+@pytest.mark.parametrize("name", sorted(TINY_KWARGS))
+def test_logits_have_input_size_and_float32_at_odd_sizes(name):
+    model = _tiny(name)
+    variables = _init(model)
+    for height, width in [(35, 47), (67, 93), (32, 32), (97, 131)]:
+        logits = model.apply(variables, _images(2, height, width), train=False)
+        assert logits.shape == (2, height, width, NUM_CLASSES)
+        assert logits.dtype == jnp.float32
+        assert np.isfinite(np.asarray(logits)).all()
+        assert float(jnp.std(logits)) > 0
+
+
+@pytest.mark.parametrize("name", sorted(TINY_KWARGS))
+def test_train_mode_applies_dropout(name):
+    model = _tiny(name)
+    variables = _init(model)
+    images = _images(2, 35, 47)
+
+    def train_apply(seed):
+        logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": jax.random.key(seed)})
+        return np.asarray(logits)
+
+    first, second = train_apply(1), train_apply(2)
+    assert first.shape == (2, 35, 47, NUM_CLASSES)
+    assert np.isfinite(first).all()
+    assert not np.allclose(first, second)  # the dropout rng matters
+    assert not np.allclose(first, np.asarray(model.apply(variables, images, train=False)))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_KWARGS))
+def test_bfloat16_compute_keeps_float32_params_and_logits(name):
+    model = _tiny(name, dtype=jnp.bfloat16)
+    variables = _init(model)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    logits = model.apply(variables, _images(1, 35, 47), train=False)
+    assert logits.dtype == jnp.float32 and logits.shape == (1, 35, 47, NUM_CLASSES)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+# ----------------------------------------------------------------------------- FCN specifics
+
+def test_fcn_alexnet_logits_have_input_size():
+    model = _tiny("fcn32s", backbone="alexnet")
+    logits = model.apply(_init(model), _images(1, 67, 93), train=False)
+    assert logits.shape == (1, 67, 93, NUM_CLASSES) and logits.dtype == jnp.float32
+
+
+def test_fcn_vgg16_bn_trains_batch_stats():
+    model = _tiny("fcn8s", backbone="vgg16_bn")
+    variables = _init(model)
+    _, updates = model.apply(variables, _images(2, 35, 47), train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.key(0)})
+    before = jax.tree.leaves(variables["batch_stats"])
+    after = jax.tree.leaves(updates["batch_stats"])
+    assert len(after) == 2 * 13  # mean and var of the 13 BatchNorms
+    assert all(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("name,backbone", [("fcn32s", "vgg16"), ("fcn16s", "vgg16"),
+                                           ("fcn8s", "vgg16"), ("fcn32s", "alexnet")])
+def test_fcn_crops_give_input_size_for_every_size_modulo_32(name, backbone):
+    # The crop geometry depends on H only through H mod 32 (plus small-size effects), so every
+    # residue and the smallest sizes are covered; shapes only, nothing is computed.
+    model = _tiny(name, backbone=backbone)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    for height in range(1, 34):
+        width = 2 * height + 17
+        images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+        assert jax.eval_shape(model.apply, variables, images).shape == (
+            1, height, width, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("height,width", [(500, 375), (375, 500)])
+def test_full_size_fcn8s_shape_at_voc_size(height, width):
+    model = models.create_model("fcn8s", num_classes=21)
+    images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    assert jax.eval_shape(model.apply, variables, images).shape == (1, height, width, 21)
+
+
+def _coord_map(layers, scale=1.0, shift=0.0):
+    """Compose Caffe's coord_map: a layer (k, s, p) maps its coordinate u to s·u + (k−1)/2 − p
+    of its input; a transposed layer ('T', k, s, p) is the inverse. Returns x = scale·u + shift
+    in input coordinates."""
+    for layer in layers:
+        if layer[0] == "T":
+            _, k, s, p = layer
+            scale, shift = scale / s, shift - scale / s * ((k - 1) / 2 - p)
+        else:
+            k, s, p = layer
+            scale, shift = scale * s, shift + scale * ((k - 1) / 2 - p)
+    return scale, shift
+
+
+def test_fcn_crop_offsets_align_maps_as_caffe_coord_map_derives():
+    conv, pool = (3, 1, 1), (2, 2, 0)
+    to_pool3 = [(3, 1, 100), conv, pool, conv, conv, pool, conv, conv, conv, pool]
+    to_pool4 = to_pool3 + [conv, conv, conv, pool]
+    to_score = to_pool4 + [conv, conv, conv, pool, (7, 1, 0)]
+
+    def offset(cropped, reference):
+        """Where the reference map's origin lies in the cropped map."""
+        layers_a, layers_reference = cropped, reference
+        (scale_a, shift_a), (scale_r, shift_r) = _coord_map(layers_a), _coord_map(
+            layers_reference)
+        assert scale_a == scale_r
+        return (shift_r - shift_a) / scale_a
+
+    up2 = ("T", 4, 2, 0)
+    (_, _, pool4_offset, _), (_, _, pool3_offset, _) = fcn._SKIPS
+    assert offset(to_pool4, to_score + [up2]) == pool4_offset == 5
+    assert offset(to_pool3, to_score + [up2, up2]) == pool3_offset == 9
+    for stride, skips in ((32, []), (16, [up2]), (8, [up2, up2])):
+        kernel, crop = fcn._FINAL_UPSAMPLING[("vgg", stride)]
+        assert offset(to_score + skips + [("T", kernel, stride, 0)], []) == crop
+    alexnet_score = [(11, 4, 100), (3, 2, 0), (5, 1, 2), (3, 2, 0), (3, 1, 1), (3, 1, 1),
+                     (3, 1, 1), (3, 2, 0), (6, 1, 0)]
+    kernel, crop = fcn._FINAL_UPSAMPLING[("alexnet", 32)]
+    assert offset(alexnet_score + [("T", kernel, 32, 0)], []) == crop == 18
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def _independent_fcn_param_count(prediction_stride, backbone="vgg16", num_classes=21):
+    # Built from torch modules on the meta device (no memory), independent of flaxseg.
+    nn_ = torch.nn
+    with torch.device("meta"):
+        if backbone == "alexnet":
+            modules = [torchvision.models.alexnet().features, nn_.Conv2d(256, 4096, 6)]
+            final_kernel = 63
+        else:
+            modules = [getattr(torchvision.models, backbone)().features,
+                       nn_.Conv2d(512, 4096, 7)]
+            final_kernel = 2 * prediction_stride
+        modules += [nn_.Conv2d(4096, 4096, 1), nn_.Conv2d(4096, num_classes, 1)]
+        if prediction_stride <= 16:
+            modules += [nn_.ConvTranspose2d(num_classes, num_classes, 4, 2, bias=False),
+                        nn_.Conv2d(512, num_classes, 1)]
+        if prediction_stride <= 8:
+            modules += [nn_.ConvTranspose2d(num_classes, num_classes, 4, 2, bias=False),
+                        nn_.Conv2d(256, num_classes, 1)]
+        modules.append(nn_.ConvTranspose2d(num_classes, num_classes, final_kernel,
+                                           prediction_stride, bias=False))
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("name,stride,backbone", [
+    ("fcn8s", 8, "vgg16"), ("fcn16s", 16, "vgg16"), ("fcn32s", 32, "vgg16"),
+    ("fcn8s", 8, "vgg16_bn"), ("fcn32s", 32, "alexnet")])
+def test_full_size_fcn_parameter_count(name, stride, backbone):
+    model = models.create_model(name, num_classes=21, backbone=backbone)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert models.count_params(shapes) == _independent_fcn_param_count(stride, backbone)
+
+
+def test_full_size_fcn8s_parameter_count_literal():
+    # VGG16 convs 14,714,688 + fc6 102,764,544 + fc7 16,781,312 + score_fr 86,037
+    # + score_pool4 10,773 + score_pool3 5,397 + upsampling 2·7,056 + 112,896.
+    assert _independent_fcn_param_count(8) == 134_489_759
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def _hwio(shape):
+    return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else tuple(shape)
+
+
+def _flat_shapes(tree):
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.mark.parametrize("kind", ["vgg16", "vgg16_bn", "alexnet"])
+def test_torchvision_key_map_covers_every_features_key_with_matching_shapes(kind):
+    with torch.device("meta"):
+        torch_state = getattr(torchvision.models, kind)().state_dict()
+    expected = {k: tuple(v.shape) for k, v in torch_state.items()
+                if k.startswith("features.") and not k.endswith("num_batches_tracked")}
+    if kind == "alexnet":
+        module, key_map = backbones.AlexNet(), backbones.torchvision_alexnet_key_map()
+    else:
+        batchnorm = kind == "vgg16_bn"
+        module = backbones.VGG16(batchnorm=batchnorm)
+        key_map = backbones.torchvision_vgg16_key_map(batchnorm)
+    shapes = _flat_shapes(jax.eval_shape(module.init, jax.random.key(0),
+                                         jnp.zeros((1, 64, 64, 3))))
+    assert sorted(key_map.values()) == sorted(expected)
+    assert set(key_map) == set(shapes)
+    for path, torch_key in key_map.items():
+        assert shapes[path] == _hwio(expected[torch_key]), (path, torch_key)
+
+
+def _torch_features_by_stride(features, x_nchw, pool_strides):
+    """Run a torchvision ``features`` Sequential, keeping each max-pool's output by stride and
+    the activation before the first pool."""
+    outputs, pools = {}, iter(pool_strides)
+    with torch.no_grad():
+        for layer in features:
+            if isinstance(layer, torch.nn.MaxPool2d) and not outputs:
+                outputs["before_first_pool"] = x_nchw
+            x_nchw = layer(x_nchw)
+            if isinstance(layer, torch.nn.MaxPool2d):
+                outputs[next(pools)] = x_nchw
+    return {k: v.permute(0, 2, 3, 1).numpy() for k, v in outputs.items()}
+
+
+def _features_state(features):
+    """State dict of a bare ``features`` Sequential, keyed as inside torchvision's model."""
+    return {f"features.{k}": v for k, v in features.state_dict().items()}
+
+
+def _randomise_bn_stats(features):
+    with torch.no_grad():
+        for layer in features:
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_mean.normal_(0, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
+                layer.weight.normal_(1, 0.1)
+                layer.bias.normal_(0, 0.1)
+    return features.eval()
+
+
+@pytest.mark.parametrize("batchnorm,fcn_geometry", [(False, False), (True, False), (False, True)])
+def test_vgg16_matches_torchvision_features(batchnorm, fcn_geometry):
+    base = 4
+    cfg = []
+    for depth, mult in zip(backbones.vgg.VGG16_BLOCK_DEPTHS, backbones.vgg.VGG16_WIDTH_MULTIPLIERS):
+        cfg += [base * mult] * depth + ["M"]
+    torch.manual_seed(0)
+    features = _randomise_bn_stats(torchvision.models.vgg.make_layers(cfg, batch_norm=batchnorm))
+    if fcn_geometry:  # the Caffe FCN variant: conv1_1 pads 100, pools round up
+        features[0].padding = (100, 100)
+        for layer in features:
+            if isinstance(layer, torch.nn.MaxPool2d):
+                layer.ceil_mode = True
+    module = backbones.VGG16(base_width=base, batchnorm=batchnorm,
+                             first_conv_padding=100 if fcn_geometry else 1,
+                             ceil_mode=fcn_geometry)
+    x = np.random.default_rng(0).normal(size=(2, 45, 38, 3)).astype(np.float32)
+    variables = backbones.torch_state_dict_to_variables(
+        _features_state(features), backbones.torchvision_vgg16_key_map(batchnorm),
+        target=jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x)))
+    ours = module.apply(variables, jnp.asarray(x), train=False)
+    theirs = _torch_features_by_stride(features, torch.from_numpy(x).permute(0, 3, 1, 2),
+                                       [2, 4, 8, 16, 32])
+    theirs[1] = theirs.pop("before_first_pool")
+    assert sorted(ours) == sorted(theirs) == [1, 2, 4, 8, 16, 32]
+    assert {s: v.shape[-1] for s, v in ours.items()} == module.out_channels
+    for stride in ours:
+        scale = np.abs(theirs[stride]).max()
+        np.testing.assert_allclose(np.asarray(ours[stride]), theirs[stride],
+                                   atol=1e-5 * max(scale, 1.0), err_msg=f"stride {stride}")
+
+
+def test_alexnet_matches_torchvision_features():
+    torch.manual_seed(0)
+    features = torchvision.models.alexnet().features.eval()
+    module = backbones.AlexNet()
+    x = np.random.default_rng(1).normal(size=(1, 99, 111, 3)).astype(np.float32)
+    variables = backbones.torch_state_dict_to_variables(
+        _features_state(features), backbones.torchvision_alexnet_key_map())
+    ours = module.apply(variables, jnp.asarray(x))
+    theirs = _torch_features_by_stride(features, torch.from_numpy(x).permute(0, 3, 1, 2),
+                                       [8, 16, 32])
+    theirs[4] = theirs.pop("before_first_pool")
+    assert sorted(ours) == sorted(theirs) == [4, 8, 16, 32]
+    assert {s: v.shape[-1] for s, v in ours.items()} == module.out_channels
+    for stride in ours:
+        np.testing.assert_allclose(np.asarray(ours[stride]), theirs[stride], atol=1e-4,
+                                   rtol=1e-4, err_msg=f"stride {stride}")
+
+
+def test_torchvision_classifier_folds_into_fcn_fc6_fc7():
+    base, fc, c5 = 4, 16, 8 * 4
+    torch.manual_seed(0)
+    cfg = []
+    for depth, mult in zip(backbones.vgg.VGG16_BLOCK_DEPTHS, backbones.vgg.VGG16_WIDTH_MULTIPLIERS):
+        cfg += [base * mult] * depth + ["M"]
+    fc6, fc7 = torch.nn.Linear(c5 * 7 * 7, fc), torch.nn.Linear(fc, fc)
+    state = _features_state(torchvision.models.vgg.make_layers(cfg))
+    state.update({f"classifier.0.{k}": v for k, v in fc6.state_dict().items()})
+    state.update({f"classifier.3.{k}": v for k, v in fc7.state_dict().items()})
+
+    model = models.create_model("fcn8s", num_classes=NUM_CLASSES, base_width=base,
+                                fc_channels=fc)
+    target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    loaded = backbones.torch_state_dict_to_variables(state, fcn.torchvision_fcn_key_map("vgg16"),
+                                                     target=target)
+    assert models.count_params(loaded) == sum(v.numel() for v in state.values())
+
+    # fc6 as a 7×7 VALID conv on a 7×7 pool5 window == torchvision's Linear on the NCHW flatten.
+    window = np.random.default_rng(0).normal(size=(1, 7, 7, c5)).astype(np.float32)
+    ours = jax.lax.conv_general_dilated(
+        jnp.asarray(window), loaded["params"]["fc6"]["kernel"], (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))[0, 0, 0] + loaded["params"]["fc6"]["bias"]
+    with torch.no_grad():
+        theirs = fc6(torch.from_numpy(window).permute(0, 3, 1, 2).flatten(1))[0].numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
+
+
+def test_state_dict_conversion_names_missing_and_mismatched_entries():
+    key_map = backbones.torchvision_alexnet_key_map()
+    with pytest.raises(ValueError, match="'features.0.weight'"):
+        backbones.torch_state_dict_to_variables({}, key_map)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in
+                  torchvision.models.alexnet().state_dict().items()}
+    state = {k: np.zeros(shape, np.float32) for k, shape in shapes.items()}
+    tiny_target = jax.eval_shape(backbones.AlexNet(base_width=4).init, jax.random.key(0),
+                                 jnp.zeros((1, 64, 64, 3)))
+    with pytest.raises(ValueError, match="has shape .* but .* expects"):
+        backbones.torch_state_dict_to_variables(state, key_map, target=tiny_target)

@@ -1,0 +1,235 @@
+"""End-to-end training on the synthetic VOC set: loss goes down, checkpoints, exact resume, eval.
+
+Uses the real builder, pipeline, model registry and loop with a tiny-width FCN and 64 px crops.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flaxseg.configs import default
+from flaxseg.training import checkpointing, loop
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **overrides):
+    config = default.get_config()
+    config.model = "fcn8s"
+    config.backbone = "vgg16"
+    config.model_kwargs = TINY_FCN
+    config.dataset = "synthetic"
+    config.data_dir = data_dir
+    config.crop_size = 64
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.steps = 12
+    config.lr = 0.01
+    config.log_every = 3
+    config.eval_every = 1000
+    config.checkpoint_every = 6
+    config.progress_bar = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir,
+        steps=40,
+        lr=0.02,
+        log_every=5,
+        model_kwargs=json.dumps({"base_width": 8, "fc_channels": 32}),
+        backbone="vgg16_bn",
+        model="fcn32s",
+    )
+    summary = loop.train_and_evaluate(config, tmp_path)
+    losses = [entry["loss"] for entry in summary["history"]]
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+    assert 0.0 <= summary["miou"] <= 1.0 and summary["step"] == 40
+    manager = checkpointing.create_manager(tmp_path, read_only=True)
+    assert (
+        manager.all_steps() == [6, 12, 18, 24, 30, 36, 40][-config.keep_checkpoints :]
+        or 40 in manager.all_steps()
+    )
+    meta = checkpointing.read_meta(manager, 40)
+    assert meta["model_spec"]["model"] == "fcn32s"
+    assert meta["model_spec"]["model_kwargs"] == {"base_width": 8, "fc_channels": 32}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["report"].splitlines()[-1].startswith("mIoU: ")
+
+
+def test_resume_continues_the_step_count_and_is_exact(data_dir, tmp_path):
+    straight = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "straight")
+    first = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "resumed", stop_at_step=6)
+    assert first["step"] == 6
+    second = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "resumed")
+    assert second["step"] == 12
+    assert [h["step"] for h in second["history"]] == [9, 12]  # continued, not restarted
+    restore = lambda wd: checkpointing.restore(  # noqa: E731
+        checkpointing.create_manager(wd, read_only=True), 12
+    )["state"]["params"]
+    a, b = restore(tmp_path / "straight"), restore(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert second["miou"] == pytest.approx(straight["miou"], abs=1e-6)
+
+
+def test_workdir_of_another_model_is_refused_and_untouched(data_dir, tmp_path):
+    loop.train_and_evaluate(tiny_config(data_dir, steps=2, checkpoint_every=2), tmp_path)
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=r"different model.*model='fcn8s' \(requested 'fcn32s'\)"):
+        loop.train_and_evaluate(tiny_config(data_dir, steps=4, model="fcn32s"), tmp_path)
+    with pytest.raises(ValueError, match=r"num_classes=21 \(requested 5\)"):
+        loop.train_and_evaluate(tiny_config(data_dir, steps=4, num_classes=5), tmp_path)
+    after = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "fcn7s"}, r"Unknown --model='fcn7s'; available: .*fcn8s"),
+        ({"dataset": "voc2007"}, r"Unknown --dataset='voc2007'; available: .*synthetic"),
+        ({"backbone": "resnet9"}, r"resnet9.*vgg16"),
+        ({"crop_size": 0}, r"--crop_size must be a positive integer, got 0"),
+        ({"batch_size": -2}, r"--batch_size must be a positive integer, got -2"),
+        ({"model_kwargs": "{base_width: 4"}, r"--model_kwargs=.*is not a JSON object"),
+    ],
+)
+def test_bad_settings_get_one_clear_error(data_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(tiny_config(data_dir, **overrides), tmp_path / "wd")
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def _run(args, **kwargs):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def test_train_and_eval_entry_points(data_dir, tmp_path):
+    workdir = tmp_path / "wd"
+    train = _run(
+        [
+            "train.py",
+            "--model=fcn8s",
+            "--dataset=synthetic",
+            f"--data_dir={data_dir}",
+            f"--workdir={workdir}",
+            "--steps=4",
+            "--batch_size=2",
+            "--crop_size=48",
+            f"--model_kwargs={TINY_FCN}",
+            "--config.progress_bar=False",
+        ]
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    train_miou = train.stdout.strip().splitlines()[-1]
+    evaluate = _run(["eval.py", f"--workdir={workdir}"])
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    lines = evaluate.stdout.strip().splitlines()
+    assert lines[-1].startswith("mIoU: 0.") and lines[-1] == train_miou
+    assert any(line.startswith("aeroplane") for line in lines)
+    assert any(line.startswith("pixel accuracy: ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.py", "--model=nope", "--dataset=synthetic"], "Unknown --model='nope'"),
+        (
+            ["train.py", "--model=fcn8s", "--dataset=synthetic", "--crop_size=-1"],
+            "--crop_size must be a positive integer",
+        ),
+        (["eval.py"], "No checkpoints in"),
+    ],
+)
+def test_entry_points_print_one_line_errors(tmp_path, args, message):
+    result = _run([*args, f"--workdir={tmp_path / 'empty'}"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{args[0]}: error: ")
+    assert message in result.stderr
+
+
+_DATA_PARALLEL = r"""
+import functools, json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flaxseg import models
+from flaxseg.training import loop, optim, state as state_lib, steps
+from flaxseg.configs import default
+assert jax.device_count() == 2, jax.devices()
+config = default.get_config()
+config.batch_size = 3
+try:
+        loop.validate_config(config)
+        raise SystemExit("batch_size=3 accepted on 2 devices")
+except ValueError as error:
+        assert "not divisible by the 2 devices" in str(error), error
+model = models.create_model("fcn32s", num_classes=5, backbone="vgg16_bn", base_width=4, fc_channels=8)
+tx = optim.create_optimizer(learning_rate=0.1)
+state = state_lib.create_train_state(model, tx, jax.random.key(0), (1, 40, 40, 3))
+rng = np.random.default_rng(0)
+batch = {"image": rng.normal(size=(4, 40, 40, 3)).astype(np.float32),
+                  "label": rng.integers(0, 5, (4, 40, 40)).astype(np.int32)}
+batch["label"][:, :3] = 255
+key = jax.random.key(1)
+step = functools.partial(steps.train_step, ignore_label=255)
+single, m1 = jax.jit(step)(state, batch, key)
+mesh = loop.create_mesh()
+sharded, m2 = loop.jit_train_step(config, mesh)(state, loop.shard_batch(batch, mesh), key)
+leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats))
+err_mesh = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(single), leaves(sharded)))
+# pmap: each device sees half the batch; BatchNorm batch statistics are then per-device, so compare
+# the gradient-averaging path with a model without BatchNorm.
+plain = models.create_model("fcn32s", num_classes=5, backbone="vgg16", base_width=4, fc_channels=8)
+pstate = state_lib.create_train_state(plain, tx, jax.random.key(0), (1, 40, 40, 3))
+nodrop = lambda s, b, k: steps.train_step(s, b, k, ignore_label=255, axis_name=None)
+eval_fn = functools.partial(steps.eval_step, num_classes=5, ignore_label=255)
+cm_single = jax.jit(eval_fn)(pstate, batch)
+cm_pmap = jax.pmap(functools.partial(eval_fn, axis_name="d"), axis_name="d")(
+        jax.device_put_replicated(pstate, jax.devices()),
+        jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch))
+assert np.array_equal(np.asarray(cm_single), np.asarray(cm_pmap[0])), (cm_single, cm_pmap[0])
+pm_state, pm_metrics = jax.pmap(functools.partial(steps.train_step, ignore_label=255, axis_name="d"),
+                                                                axis_name="d")(jax.device_put_replicated(pstate, jax.devices()),
+                                                                                              jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch),
+                                                                                              jax.device_put_replicated(key, jax.devices()))
+same = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree.leaves(pm_state.params)]
+print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
+                                    "loss_single": float(m1["loss"]), "loss_mesh": float(m2["loss"])}))
+"""
+
+
+def test_data_parallel_mesh_matches_single_device_and_pmap_runs(tmp_path):
+    result = _run(
+        ["-c", _DATA_PARALLEL], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["err_mesh"] < 1e-5, report
+    assert report["loss_single"] == pytest.approx(report["loss_mesh"], rel=1e-5)
+    assert report["pmap_replicas_differ"] == 0.0, report  # gradients were averaged over the axis

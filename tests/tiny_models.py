@@ -1,0 +1,13 @@
+"""Tiny constructor kwargs per registered model (few channels) for fast tests and train runs.
+
+``models.create_model(name, num_classes=..., **TINY_KWARGS[name])`` builds a model that keeps
+every code path of the full one (same depth, dropout, BatchNorm, aux heads) at a few channels.
+"""
+
+TINY_KWARGS = {
+    # Bayesian-SegNet dropout on so that train mode exercises the dropout rng.
+    "segnet": dict(base_width=4, dropout_rate=0.5),
+    "unet": dict(base_channels=4, batchnorm=True, dropout_rate=0.5),
+    "pspnet": dict(backbone="resnet50", base_width=4, head_channels=8, aux_channels=8),
+    "refinenet": dict(backbone="resnet50", base_width=4, features=8),
+}
