@@ -202,7 +202,7 @@ def test_conv_bn_act_matches_torch_in_eval_and_updates_running_mean_like_torch()
 
 def test_conv_bn_act_without_bn_has_bias_and_no_batch_stats():
     module = layers.ConvBNAct(6, kernel_size=1, use_bn=False, activation=None)
-    variables = module.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+    variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
     assert set(variables) == {"params"}
     assert set(variables["params"]["conv"]) == {"kernel", "bias"}
 
@@ -212,7 +212,8 @@ def test_conv_bn_act_without_bn_has_bias_and_no_batch_stats():
 class _TwoHeads(nn.Module):
     @nn.compact
     def __call__(self, x):
-        small = nn.Conv(3, (2, 2), strides=(2, 2), dtype=jnp.bfloat16)(x)
+        small = nn.Conv(3, (2, 2), strides=(2, 2), dtype=jnp.bfloat16,
+                        kernel_init=nn.initializers.ones)(x)
         layers.sow_aux_logits(self, "stage3", small, x.shape[1:3])
         return x
 

@@ -180,9 +180,9 @@ import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flaxseg import models
 from flaxseg.training import loop, optim, state as state_lib, steps
-from flaxseg.configs import default
+from flaxseg.configs import default, models as model_configs
 assert jax.device_count() == 2, jax.devices()
-config = default.get_config()
+config = model_configs.resolve(default.get_config())
 config.batch_size = 3
 try:
         loop.validate_config(config)
@@ -208,16 +208,17 @@ err_mesh = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(single), le
 plain = models.create_model("fcn32s", num_classes=5, backbone="vgg16", base_width=4, fc_channels=8)
 pstate = state_lib.create_train_state(plain, tx, jax.random.key(0), (1, 40, 40, 3))
 nodrop = lambda s, b, k: steps.train_step(s, b, k, ignore_label=255, axis_name=None)
+replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)
 eval_fn = functools.partial(steps.eval_step, num_classes=5, ignore_label=255)
 cm_single = jax.jit(eval_fn)(pstate, batch)
 cm_pmap = jax.pmap(functools.partial(eval_fn, axis_name="d"), axis_name="d")(
-        jax.device_put_replicated(pstate, jax.devices()),
+        replicate(pstate),
         jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch))
 assert np.array_equal(np.asarray(cm_single), np.asarray(cm_pmap[0])), (cm_single, cm_pmap[0])
 pm_state, pm_metrics = jax.pmap(functools.partial(steps.train_step, ignore_label=255, axis_name="d"),
-                                                                axis_name="d")(jax.device_put_replicated(pstate, jax.devices()),
+                                                                axis_name="d")(replicate(pstate),
                                                                                               jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch),
-                                                                                              jax.device_put_replicated(key, jax.devices()))
+                                                                                              replicate(key))
 same = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree.leaves(pm_state.params)]
 print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
                                     "loss_single": float(m1["loss"]), "loss_mesh": float(m2["loss"])}))

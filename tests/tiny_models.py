@@ -10,4 +10,9 @@ TINY_KWARGS = {
     "unet": dict(base_channels=4, batchnorm=True, dropout_rate=0.5),
     "pspnet": dict(backbone="resnet50", base_width=4, head_channels=8, aux_channels=8),
     "refinenet": dict(backbone="resnet50", base_width=4, features=8),
+    "deeplabv2": dict(backbone="resnet50", base_width=4),
+    "deeplabv3": dict(backbone="resnet50", base_width=4, aspp_channels=8),
+    "deeplabv3plus": dict(backbone="resnet50", base_width=4, aspp_channels=8,
+                          low_level_channels=4, decoder_channels=8),
+    "fcn_resnet": dict(backbone="resnet50", base_width=4, aux_head=True),
 }

@@ -5,7 +5,7 @@ flaxseg.training.
 
     source = get_data_source('voc2012_aug', 'train', data_dir=..., manual_dir=...)
     len(source); source[0]  # {'image': uint8 [H, W, 3], 'segmentation_mask': uint8 [H, W, 1],
-                            #  'file_name': str}
+                            #  'file_name': bytes, e.g. b'2007_000032.jpg'}
 """
 
 import tensorflow_datasets as tfds

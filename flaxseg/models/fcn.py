@@ -16,8 +16,8 @@ as x = s·u + (k − 1)/2 − p (a transposed conv inverts that). Composed throu
 pool3, pool4 and score_fr cells sit at x = 8u − 95.5, 16u − 91.5 and 32u + 12.5, which gives the
 offsets above; with ceil-mode pooling the cropped windows always fit, for every H, W (floor
 pooling, torchvision's default, would not). The transposed convs have no bias and start as
-bilinear interpolation; the reference nets keep them fixed (lr_mult 0), which in flaxseg is the
-optimizer's choice (mask the ``upscore*`` kernels). The score layers (score_fr, score_pool4,
+bilinear interpolation; the paper learns the 2× ones, the released nets keep all of them fixed
+(lr_mult 0), which in flaxseg is the optimizer's choice (mask the ``upscore*`` kernels). The score layers (score_fr, score_pool4,
 score_pool3) start at zero like the reference (Caffe's default filler). We use the standard
 staged nets' unscaled skip scores, not the "at-once" variant that multiplies pool4/pool3 by
 0.01/0.0001 before scoring.
@@ -150,8 +150,8 @@ def torchvision_fcn_key_map(backbone: str = "vgg16") -> dict[tuple[str, ...], st
     fc_channels 4096.
     """
     if backbone not in BACKBONES:
-        raise ValueError(
-            f"Unknown FCN backbone {backbone!r}; valid backbones: {', '.join(map(repr, BACKBONES))}.")
+        raise ValueError(f"Unknown FCN backbone {backbone!r}; valid backbones: "
+                         f"{', '.join(map(repr, BACKBONES))}.")
     if backbone == "alexnet":
         backbone_map, fc6, fc7 = torchvision_alexnet_key_map(), "classifier.1", "classifier.4"
     else:

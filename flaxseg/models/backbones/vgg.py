@@ -9,8 +9,9 @@ so ImageNet weights load through ``torchvision_vgg16_key_map`` without renaming 
 Two knobs exist for FCN (Long et al. 2015), whose reference Caffe nets differ from torchvision:
 ``first_conv_padding=100`` (conv1_1 pads 100 so that any input survives fc6's 7×7 VALID conv)
 and ``ceil_mode=True`` (Caffe pools round up). FCN's fixed crop offsets (19/27/31, 5, 9) give
-exactly the input size for every H, W only with ceil-mode pooling: floor pooling can lose up to
-31 input pixels' worth of pool5 cells, and the final crop then runs off the end.
+exactly the input size for every H, W only with ceil-mode pooling: floor pooling drops the last
+row of every odd-sized map, so the final crop runs off the end for many sizes (FCN-32s: 239 of
+the heights 1–599) and inputs under 26 px no longer survive fc6's 7×7 VALID conv.
 """
 
 import functools

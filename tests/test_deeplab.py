@@ -1,0 +1,309 @@
+"""DeepLab v1/v2/v3/v3+ and FCN-ResNet: shapes at odd sizes and output strides 8/16, the
+papers' structure at full size (traced, not computed), atrous rates as wired, image pooling at
+batch size 1, output stride switched at evaluation, multi-scale fusion, and bad arguments."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from flaxseg import models
+from flaxseg.models import layers
+from flaxseg.models.heads import ASPP
+
+NUM_CLASSES = 5
+# Tiny variants covering every code path: (registry name, kwargs).
+CASES = {
+    "deeplabv2": ("deeplabv2", dict(backbone="resnet50", base_width=4)),
+    "deeplabv2_msc": ("deeplabv2", dict(backbone="resnet50", base_width=4,
+                                        input_scales=(1.0, 0.75, 0.5))),
+    "deeplabv3": ("deeplabv3", dict(backbone="resnet50", base_width=4, aspp_channels=8)),
+    "deeplabv3_torchvision": ("deeplabv3", dict(backbone="resnet50", base_width=4,
+                                                aspp_channels=8, head="torchvision",
+                                                aux_head=True)),
+    "deeplabv3plus": ("deeplabv3plus", dict(backbone="resnet50", base_width=4, aspp_channels=8,
+                                            low_level_channels=4, decoder_channels=8)),
+    "deeplabv3plus_xception": ("deeplabv3plus", dict(backbone="xception65", base_width=4,
+                                                     num_middle_units=2, aspp_channels=8,
+                                                     low_level_channels=4,
+                                                     decoder_channels=8)),
+    "fcn_resnet": ("fcn_resnet", dict(backbone="resnet50", base_width=4, aux_head=True)),
+}
+AUX_ENTRIES = {"deeplabv2_msc": 3, "deeplabv3_torchvision": 1, "fcn_resnet": 1}
+
+
+def _tiny(case, **kwargs):
+    name, tiny = CASES[case]
+    return models.create_model(name, num_classes=NUM_CLASSES, **{**tiny, **kwargs})
+
+
+def _shapes(model, height=64, width=64):
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jnp.zeros((1, height, width, 3)))
+    return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+
+
+def _random_variables(model, seed=0):
+    """Host-made variables with the model's structure (compiling ``init`` costs more than the
+    forward pass on a 2-core CPU): He-scaled kernels, BN statistics near (0, 1)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (std * rng.normal(size=leaf.shape)).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
+        return (0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, _shapes(model))
+
+
+def _images(batch, height, width, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, height, width, 3)),
+                       jnp.float32)
+
+
+def _flat_shapes(tree):
+    return {"/".join(p): tuple(v.shape) for p, v in traverse_util.flatten_dict(tree).items()}
+
+
+# ----------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_have_input_size_at_odd_sizes(case, output_stride):
+    model = _tiny(case, output_stride=output_stride)
+    variables = _shapes(model)
+    for batch, height, width in [(2, 37, 53), (1, 67, 45)]:
+        images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+        expected = (batch, height, width, NUM_CLASSES)
+        logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+        assert (logits.shape, logits.dtype) == (expected, jnp.float32)
+        logits, state = jax.eval_shape(
+            functools.partial(model.apply, train=True,
+                              mutable=["batch_stats", layers.AUX_COLLECTION]),
+            variables, images, rngs={"dropout": jax.random.key(0)})
+        assert (logits.shape, logits.dtype) == (expected, jnp.float32)
+        aux = jax.tree.leaves(state.get(layers.AUX_COLLECTION, {}))
+        assert len(aux) == AUX_ENTRIES.get(case, 0)
+        assert all((a.shape, a.dtype) == (expected, jnp.float32) for a in aux)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_stride_changes_no_parameter_shape(case):
+    shapes = [_flat_shapes(_shapes(_tiny(case, output_stride=s))) for s in (8, 16, 32)]
+    assert shapes[0] == shapes[1] == shapes[2]
+
+
+# ----------------------------------------------------------------------------- full-size structure
+
+def _full_size_params(name, **kwargs):
+    model = models.create_model(name, num_classes=21, **kwargs)
+    return _flat_shapes(_shapes(model)["params"])
+
+
+def test_deeplabv3_head_is_the_papers():
+    params = _full_size_params("deeplabv3", backbone="resnet101")
+    head = {k: v for k, v in params.items() if not k.startswith("backbone/")}
+    assert head == {
+        # ASPP: 1×1, three 3×3 atrous, image pooling (each 256 + BN), 1×1 projection + BN.
+        "aspp/convs_0/conv/kernel": (1, 1, 2048, 256),
+        **{f"aspp/convs_{i}/conv/kernel": (3, 3, 2048, 256) for i in (1, 2, 3)},
+        "aspp/convs_4/pool/conv/kernel": (1, 1, 2048, 256),
+        "aspp/project/conv/kernel": (1, 1, 5 * 256, 256),
+        **{f"aspp/{m}/bn/{p}": (256,) for m in ("convs_0", "convs_1", "convs_2", "convs_3",
+                                                "convs_4/pool", "project")
+           for p in ("scale", "bias")},
+        "classifier/kernel": (1, 1, 256, 21), "classifier/bias": (21,),
+    }
+
+
+def test_deeplabv3plus_decoder_is_the_papers():
+    params = _full_size_params("deeplabv3plus", backbone="resnet101")
+    assert params["low_level_project/conv/kernel"] == (1, 1, 256, 48)
+    assert params["decoder_0/conv/kernel"] == (3, 3, 256 + 48, 256)
+    assert params["decoder_1/conv/kernel"] == (3, 3, 256, 256)
+    assert params["classifier/kernel"] == (1, 1, 256, 21)
+    assert params["aspp/convs_1/conv/kernel"] == (3, 3, 2048, 256)
+
+
+def test_deeplabv3plus_xception_uses_separable_aspp_and_decoder():
+    params = _full_size_params("deeplabv3plus", backbone="xception65")
+    assert params["aspp/convs_1/conv_dw/kernel"] == (3, 3, 1, 2048)
+    assert params["aspp/convs_1/conv_pw/kernel"] == (1, 1, 2048, 256)
+    assert params["aspp/convs_0/conv/kernel"] == (1, 1, 2048, 256)  # 1×1 branch stays plain
+    assert params["low_level_project/conv/kernel"] == (1, 1, 256, 48)
+    assert params["decoder_0/conv_dw/kernel"] == (3, 3, 1, 304)
+    assert params["decoder_0/conv_pw/kernel"] == (1, 1, 304, 256)
+    assert params["decoder_1/conv_dw/kernel"] == (3, 3, 1, 256)
+    assert len([k for k in params if k.startswith("backbone/blocks_")
+                and k.endswith("stack_conv1/conv_dw/kernel")]) == 3 + 16 + 2
+
+
+def test_deeplabv2_head_is_aspp_l():
+    params = _full_size_params("deeplabv2", backbone="resnet101")
+    head = {k: v for k, v in params.items() if not k.startswith("backbone/")}
+    assert head == {**{f"aspp/branches_{i}/kernel": (3, 3, 2048, 21) for i in range(4)},
+                    **{f"aspp/branches_{i}/bias": (21,) for i in range(4)}}
+
+
+# ----------------------------------------------------------------------------- rates as wired
+
+def _conv_dilations(model, **apply_kwargs):
+    """{module path: kernel dilation} of every conv that runs in ``model.apply``."""
+    dilations = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            dilations["/".join(module.scope.path)] = module.kernel_dilation[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(model.apply, **apply_kwargs), _shapes(model),
+                       jnp.zeros((1, 65, 65, 3)))
+    return dilations
+
+
+@pytest.mark.parametrize("case,kwargs,aspp,layer4", [
+    ("deeplabv3", dict(output_stride=16), (6, 12, 18), (2, 4, 8)),
+    ("deeplabv3", dict(output_stride=8), (12, 24, 36), (4, 8, 16)),
+    ("deeplabv3_torchvision", {}, (12, 24, 36), (2, 4, 4)),
+    ("deeplabv3plus", {}, (6, 12, 18), (2, 4, 8)),
+])
+def test_aspp_rates_and_multi_grid_as_in_the_papers(case, kwargs, aspp, layer4):
+    dilations = _conv_dilations(_tiny(case, **kwargs))
+    assert tuple(dilations[f"aspp/convs_{i}/conv"] for i in (1, 2, 3)) == aspp
+    assert tuple(dilations[f"backbone/layer4_{i}/conv2"] for i in range(3)) == layer4
+
+
+def test_output_stride_given_at_apply_rewires_rates():
+    model = _tiny("deeplabv3", output_stride=16)
+    dilations = _conv_dilations(model, output_stride=8)
+    assert tuple(dilations[f"aspp/convs_{i}/conv"] for i in (1, 2, 3)) == (12, 24, 36)
+
+
+def test_deeplabv2_and_xception_rates():
+    dilations = _conv_dilations(_tiny("deeplabv2"))
+    assert tuple(dilations[f"aspp/branches_{i}"] for i in range(4)) == (6, 12, 18, 24)
+    dilations = _conv_dilations(_tiny("deeplabv3plus_xception", output_stride=8))
+    assert tuple(dilations[f"aspp/convs_{i}/conv_dw"] for i in (1, 2, 3)) == (12, 24, 36)
+
+
+# ----------------------------------------------------------------------------- computed
+
+def test_image_pooling_trains_at_batch_size_one():
+    # PyTorch's ASPP raises here ("Expected more than 1 value per channel when training");
+    # naive batch statistics would zero the branch and corrupt its running variance.
+    model = _tiny("deeplabv3")
+    variables = _random_variables(model)
+    images = _images(1, 41, 49)
+
+    def loss_fn(params):
+        logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                    images, train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": jax.random.key(0)})
+        return jnp.mean(logits ** 2), (logits, state)
+
+    grads, (logits, state) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+    assert np.isfinite(np.asarray(logits)).all() and logits.shape == (1, 41, 49, NUM_CLASSES)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    pool_grad = grads["aspp"]["convs_4"]["pool"]
+    assert np.abs(np.asarray(pool_grad["conv"]["kernel"])).max() > 0
+    assert np.abs(np.asarray(pool_grad["bn"]["scale"])).max() > 0
+    before, after = variables["batch_stats"], state["batch_stats"]
+    np.testing.assert_array_equal(after["aspp"]["convs_4"]["pool"]["bn"]["var"],
+                                  before["aspp"]["convs_4"]["pool"]["bn"]["var"])
+    assert not np.allclose(after["aspp"]["convs_0"]["bn"]["var"],
+                           before["aspp"]["convs_0"]["bn"]["var"])
+
+
+def test_image_pooling_uses_batch_statistics_from_batch_size_two():
+    aspp = ASPP(4, (1, 2, 3), dropout_rate=0.0)
+    x = _images(2, 7, 9)[..., :3]
+    variables = aspp.init(jax.random.key(0), x)
+    _, state = aspp.apply(variables, x, train=True, mutable=["batch_stats"])
+    new = state["batch_stats"]["convs_4"]["pool"]["bn"]["var"]
+    assert not np.allclose(new, variables["batch_stats"]["convs_4"]["pool"]["bn"]["var"])
+
+
+def test_output_stride_switches_at_evaluation_with_the_same_variables():
+    model = _tiny("deeplabv3", output_stride=16)
+    variables = _random_variables(model)
+    images = _images(2, 45, 51)
+    at_16 = jax.jit(model.apply)(variables, images)
+    at_8 = jax.jit(functools.partial(model.apply, output_stride=8))(variables, images)
+    rebuilt = jax.jit(_tiny("deeplabv3", output_stride=8).apply)(variables, images)
+    assert at_8.shape == at_16.shape == (2, 45, 51, NUM_CLASSES)
+    assert np.isfinite(np.asarray(at_8)).all()
+    np.testing.assert_allclose(np.asarray(rebuilt), np.asarray(at_8), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(at_8), np.asarray(at_16), atol=1e-3)
+
+
+def test_deeplabv2_multi_scale_fuses_by_max_and_sows_each_scale():
+    model = _tiny("deeplabv2_msc")
+    variables = _random_variables(model)
+    images = _images(1, 49, 57)
+    logits, state = jax.jit(functools.partial(model.apply, mutable=[layers.AUX_COLLECTION]))(
+        variables, images)
+    aux = state[layers.AUX_COLLECTION]
+    assert sorted(aux) == ["scale_100", "scale_50", "scale_75"]
+    full = np.asarray(aux["scale_100"])
+    # The max is taken at the full-scale score resolution and bilinear upsampling has
+    # non-negative weights, so the fused logits dominate the full-scale ones everywhere ...
+    assert (np.asarray(logits) >= full - 1e-5).all()
+    # ... and the smaller scales do win somewhere.
+    assert (np.asarray(logits) > full + 1e-3).any()
+    single = _tiny("deeplabv2")
+    np.testing.assert_allclose(np.asarray(jax.jit(single.apply)(variables, images)), full,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_deeplabv3plus_xception_computes_finite_logits():
+    model = _tiny("deeplabv3plus_xception", output_stride=8)
+    logits = jax.jit(model.apply)(_random_variables(model), _images(1, 39, 45))
+    assert logits.shape == (1, 39, 45, NUM_CLASSES) and np.isfinite(np.asarray(logits)).all()
+    assert float(jnp.std(logits)) > 0
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+@pytest.mark.parametrize("name", ["deeplabv2", "deeplabv3", "deeplabv3plus", "fcn_resnet"])
+def test_bad_output_stride_is_one_clear_error(name):
+    with pytest.raises(ValueError, match="output_stride must be one of 8, 16, 32, got 12"):
+        models.create_model(name, num_classes=21, output_stride=12)
+
+
+def test_bad_output_stride_at_apply_is_one_clear_error():
+    model = _tiny("deeplabv3")
+    with pytest.raises(ValueError, match="output_stride must be one of 8, 16, 32, got 4"):
+        jax.eval_shape(functools.partial(model.apply, output_stride=4), _shapes(model),
+                       jnp.zeros((1, 33, 33, 3)))
+
+
+@pytest.mark.parametrize("name,valid", [
+    ("deeplabv2", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
+    ("deeplabv3", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
+    ("deeplabv3plus", "'resnet50', 'resnet101', 'xception65'"),
+    ("fcn_resnet", "'resnet50', 'resnet101', 'resnet152'"),
+])
+def test_unknown_backbone_lists_valid_ones(name, valid):
+    with pytest.raises(ValueError, match=f"Unknown backbone 'vgg19' for .*; valid backbones: "
+                                         f"{valid}\\."):
+        models.create_model(name, num_classes=21, backbone="vgg19")
+
+
+def test_other_bad_arguments():
+    with pytest.raises(ValueError, match="Unknown DeepLab v3 head 'mmseg'; valid heads: "
+                                         "'paper', 'torchvision'"):
+        models.create_model("deeplabv3", num_classes=21, head="mmseg")
+    with pytest.raises(ValueError, match="input_scales must start with 1.0"):
+        models.create_model("deeplabv2", num_classes=21, input_scales=(0.5, 1.0))
+    with pytest.raises(ValueError, match="num_classes must be at least 1, got 0"):
+        models.create_model("deeplabv3plus", num_classes=0)

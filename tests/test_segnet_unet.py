@@ -1,0 +1,194 @@
+"""SegNet and U-Net: geometry at odd sizes, train mode, the paper's U-Net, parameter counts."""
+
+import functools
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+from flaxseg import models
+from flaxseg.models import pooling, segnet, unet
+from tiny_models import TINY_KWARGS
+
+NUM_CLASSES = 3
+
+
+def _torchvision():
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    import torchvision
+    return torchvision
+
+
+def _images(batch, height, width, channels=3, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, height, width, channels))
+
+
+def _init(model, images):
+    # jit: one XLA compilation instead of one per op (op-by-op init of SegNet is ~10x slower).
+    return jax.jit(model.init)(jax.random.key(0), images)
+
+
+def _apply(model, variables, images, **kwargs):
+    return jax.jit(functools.partial(model.apply, **kwargs))(variables, images)
+
+
+def _conv_params(c_in, c_out, k=3, bias=True, bn=False):
+    return k * k * c_in * c_out + (c_out if bias else 0) + (2 * c_out if bn else 0)
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("segnet", {}),
+    ("segnet", {"ceil_mode": False}),
+    ("unet", {}),
+    ("unet", {"backbone": "resnet50"}),
+])
+def test_logits_at_input_size_for_odd_sizes(name, kwargs):
+    model = models.create_model(name, num_classes=NUM_CLASSES, **{**TINY_KWARGS[name], **kwargs})
+    variables = _init(model, jnp.zeros((1, 35, 33, 3)))
+    # Floor pooling needs >= 32 px; rounding-up pools/strides handle maps smaller than 2^depth.
+    sizes = [(35, 47), (9, 5)] if kwargs.get("ceil_mode", True) else [(35, 47), (63, 33)]
+    for height, width in sizes:
+        logits = _apply(model, variables, _images(2, height, width))
+        assert logits.shape == (2, height, width, NUM_CLASSES)
+        assert logits.dtype == jnp.float32
+        assert np.isfinite(np.asarray(logits)).all() and float(jnp.std(logits)) > 0
+
+
+@pytest.mark.parametrize("name", ["segnet", "unet"])
+def test_train_mode_updates_batch_stats_and_uses_dropout(name):
+    model = models.create_model(name, num_classes=NUM_CLASSES, **TINY_KWARGS[name])
+    images = _images(2, 33, 41)
+    variables = _init(model, images)
+    train_apply = jax.jit(lambda seed: model.apply(
+        variables, images, train=True, mutable=["batch_stats", "aux"],
+        rngs={"dropout": jax.random.key(seed)}))
+
+    (first, updates), (second, _) = train_apply(1), train_apply(2)
+    assert first.shape == (2, 33, 41, NUM_CLASSES) and first.dtype == jnp.float32
+    assert not np.allclose(first, second)  # the dropout rng matters
+    assert "aux" not in updates or not updates["aux"]
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                           updates["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+
+
+def test_bad_arguments_raise_one_clear_error():
+    with pytest.raises(ValueError, match="valid backbones: 'vgg16_bn'"):
+        models.create_model("segnet", num_classes=21, backbone="vgg16")
+    with pytest.raises(ValueError, match="'unet', 'resnet50', 'resnet101', 'resnet152'"):
+        models.create_model("unet", num_classes=2, backbone="resnet34")
+    with pytest.raises(ValueError, match="'same', 'valid'"):
+        models.create_model("unet", num_classes=2, padding="reflect")
+    with pytest.raises(ValueError, match="needs backbone='unet'"):
+        models.create_model("unet", num_classes=2, padding="valid", backbone="resnet50")
+    with pytest.raises(ValueError, match="at least 188 px, got 100"):
+        unet.valid_output_size(100)
+    with pytest.raises(ValueError, match="ceil_mode=True"):
+        model = models.create_model("segnet", num_classes=2, base_width=2, ceil_mode=False)
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 31, 40, 3)))
+
+
+# ----------------------------------------------------------------------------- SegNet
+
+def test_segnet_decoder_unpools_at_the_encoder_argmax():
+    # Record the encoder's last block-1 activation and the input of the first block-1 decoder
+    # conv: that input must be zero everywhere except at the block-1 pool's argmax positions.
+    model = models.create_model("segnet", num_classes=NUM_CLASSES, base_width=2)
+    images = _images(1, 35, 34)
+    variables = _init(model, images)
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == "features_4":
+            seen["block1"] = nn.relu(out)  # features_4 is conv1_2's BatchNorm
+        if context.method_name == "__call__" and context.module.name == "conv1_2_D":
+            seen["decoder_in"] = args[0]
+        return out
+
+    @jax.jit
+    def recorded_apply(variables, images):
+        with nn.intercept_methods(record):
+            model.apply(variables, images)
+        return dict(seen)
+
+    seen = {}
+    seen = recorded_apply(variables, images)
+    _, indices = pooling.max_pool_with_indices(seen["block1"], ceil_mode=True)
+    selected = np.asarray(pooling.max_unpool(jnp.ones(indices.shape), indices, (35, 34))) > 0
+    decoder_in = np.asarray(seen["decoder_in"])
+    assert decoder_in.shape == (1, 35, 34, 2)
+    assert (decoder_in[~selected] == 0).all()
+    assert (decoder_in[selected] != 0).mean() > 0.3  # ReLU zeros aside, values arrive there
+    assert selected.reshape(-1, 2).sum() == 18 * 17 * 2  # one position per (ceil) window
+
+
+def test_segnet_parameter_count_matches_vgg16_bn_plus_mirrored_decoder():
+    tv = _torchvision()
+    encoder = sum(p.numel() for p in tv.models.vgg16_bn().features.parameters())
+    # Decoder blocks 5..1 (Caffe SegNet): conv+BN+ReLU with bias, then a 3×3 classifier.
+    decoder_convs = [(512, 512), (512, 512), (512, 512),
+                     (512, 512), (512, 512), (512, 256),
+                     (256, 256), (256, 256), (256, 128),
+                     (128, 128), (128, 64),
+                     (64, 64)]
+    decoder = sum(_conv_params(i, o, bn=True) for i, o in decoder_convs)
+    classifier = _conv_params(64, 21)
+    model = models.create_model("segnet", num_classes=21)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert models.count_params(shapes) == encoder + decoder + classifier == 29_455_125
+
+
+def test_segnet_encoder_loads_torchvision_vgg16_bn_keys():
+    tv = _torchvision()
+    state_dict = tv.models.vgg16_bn().state_dict()
+    model = models.create_model("segnet", num_classes=21)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    key_map = segnet.torchvision_segnet_key_map()
+    loaded = models.backbones.torch_state_dict_to_variables(state_dict, key_map, shapes)
+    n_loaded = sum(leaf.size for leaf in jax.tree.leaves(loaded))
+    n_torch = sum(v.numel() for k, v in state_dict.items()
+                  if k.startswith("features.") and not k.endswith("num_batches_tracked"))
+    assert n_loaded == n_torch
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+def test_unet_paper_geometry_and_parameter_count():
+    model = models.create_model("unet", num_classes=2, padding="valid")
+    x = jax.ShapeDtypeStruct((1, 572, 572, 1), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert jax.eval_shape(model.apply, shapes, x).shape == (1, 388, 388, 2)
+    assert unet.valid_output_size(572) == 388
+    # The paper's configuration: 1 input channel, 2 classes, biases, no BatchNorm.
+    assert models.count_params(shapes) == 31_030_658
+    # Independent arithmetic: 2 convs per level, 2×2 up-convs, 1×1 classifier.
+    widths = [64, 128, 256, 512, 1024]
+    expected, c_in = 0, 1
+    for w in widths:
+        expected += _conv_params(c_in, w) + _conv_params(w, w)
+        c_in = w
+    for w in reversed(widths[:-1]):
+        expected += _conv_params(2 * w, w, k=2)  # up-conv 2w -> w
+        expected += _conv_params(2 * w, w) + _conv_params(w, w)
+    expected += _conv_params(64, 2, k=1)
+    assert expected == 31_030_658
+
+
+def test_unet_valid_crops_align_encoder_and_decoder():
+    # Unpadded convolutions are translation-equivariant, and so is the whole net for shifts
+    # by a multiple of 16 (4 pools) if and only if every skip is cropped at the right offset:
+    # the tile at offset 16 of a larger input gives exactly the shifted output.
+    model = models.create_model("unet", num_classes=2, padding="valid", base_channels=2)
+    big = _images(1, 204, 204, channels=1)
+    variables = _init(model, big)
+    out_big = _apply(model, variables, big)
+    out_tile = _apply(model, variables, big[:, 16:16 + 188, 16:16 + 188])
+    assert out_big.shape == (1, 20, 20, 2) and out_tile.shape == (1, 4, 4, 2)
+    np.testing.assert_allclose(out_tile, out_big[:, 16:20, 16:20], atol=1e-5)

@@ -1,0 +1,368 @@
+"""flaxseg.weights: parity with torchvision/timm after conversion, file reading, errors, and
+loading pretrained backbones."""
+
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from flaxseg import models, weights
+from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
+from flaxseg.models.backbones.xception import timm_xception65_key_map
+
+for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import timm  # noqa: E402
+import torchvision  # noqa: E402
+
+SIZE = (97, 131)  # odd on purpose: every stride-2 step rounds
+
+
+def _randomise_batchnorm(module):
+    """Non-trivial BN statistics and affine parameters, so the conversion of all four shows."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                n = layer.num_features
+                layer.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                layer.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+    return module.eval()
+
+
+def _images(seed=0):
+    return np.random.default_rng(seed).normal(size=(1, *SIZE, 3)).astype(np.float32)
+
+
+def _nhwc(tensor):
+    return tensor.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _assert_close(ours, reference, what):
+    ours, reference = np.asarray(ours), np.asarray(reference)
+    assert ours.shape == reference.shape, what
+    scale = np.abs(reference).max()
+    assert scale > 0, what
+    error = np.abs(ours - reference).max()
+    assert error <= 1e-4 * scale, f"{what}: max |Δ| {error} > 1e-4 × {scale}"
+
+
+def _torch_param_count(module, skip_prefix=None):
+    return sum(p.numel() for name, p in module.named_parameters()
+               if skip_prefix is None or not name.startswith(skip_prefix))
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_resnet_matches_torchvision(depth):
+    torch.manual_seed(depth)
+    reference = _randomise_batchnorm(getattr(torchvision.models, f"resnet{depth}")())
+    model, variables = weights.convert_torchvision(f"resnet{depth}", reference.state_dict())
+    assert models.count_params(variables) == _torch_param_count(reference, "fc.")
+    x = _images()
+    features = jax.jit(model.apply)(variables, jnp.asarray(x))
+    with torch.no_grad():
+        h = torch.from_numpy(x).permute(0, 3, 1, 2)
+        h = reference.maxpool(reference.relu(reference.bn1(reference.conv1(h))))
+        for stride, layer in zip((4, 8, 16, 32), (reference.layer1, reference.layer2,
+                                                  reference.layer3, reference.layer4)):
+            h = layer(h)
+            _assert_close(features[stride], _nhwc(h), f"resnet{depth} stride {stride}")
+
+
+def test_vgg16_matches_torchvision():
+    torch.manual_seed(0)
+    reference = torchvision.models.vgg16().eval()
+    model, variables = weights.convert_torchvision("vgg16", reference.state_dict())
+    assert models.count_params(variables) == _torch_param_count(reference, "classifier.")
+    x = _images(1)
+    features = jax.jit(model.apply)(variables, jnp.asarray(x))
+    with torch.no_grad():
+        pool5 = reference.features(torch.from_numpy(x).permute(0, 3, 1, 2))
+    _assert_close(features[32], _nhwc(pool5), "vgg16 pool5")
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3_resnet50", "fcn_resnet50"])
+def test_segmentation_model_matches_torchvision(arch):
+    torch.manual_seed(1)
+    builder = getattr(torchvision.models.segmentation, arch)
+    reference = _randomise_batchnorm(builder(weights=None, weights_backbone=None, num_classes=21,
+                                             aux_loss=True))
+    model, variables = weights.convert_torchvision(arch, reference.state_dict())
+    assert model.aux_head and model.num_classes == 21
+    assert models.count_params(variables) == _torch_param_count(reference)
+    x = _images(2)
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["aux"]))(
+        variables, jnp.asarray(x))
+    with torch.no_grad():
+        out = reference(torch.from_numpy(x).permute(0, 3, 1, 2))
+    _assert_close(logits, _nhwc(out["out"]), f"{arch} out")
+    (aux,) = jax.tree.leaves(state["aux"])
+    _assert_close(aux, _nhwc(out["aux"]), f"{arch} aux")
+
+
+def test_xception65_matches_timm():
+    torch.manual_seed(2)
+    reference = _randomise_batchnorm(timm.create_model("xception65", num_classes=0,
+                                                       output_stride=16))
+    model, variables = weights.convert_timm("xception65", reference.state_dict())
+    assert models.count_params(variables) == _torch_param_count(reference) == 37_867_312
+    x = _images(3)
+    # Converted at the default output stride 32; the same variables serve stride 16.
+    features = jax.jit(model.clone(output_stride=16).apply)(variables, jnp.asarray(x))
+    with torch.no_grad():
+        out = reference.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+    _assert_close(features[32], _nhwc(out), "xception65 output stride 16")
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3_resnet101", "fcn_resnet101"])
+def test_resnet101_segmentation_parameter_counts_match_torchvision(arch):
+    with torch.device("meta"):
+        reference = getattr(torchvision.models.segmentation, arch)(
+            weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    family = "deeplabv3" if arch.startswith("deeplabv3") else "fcn_resnet"
+    kwargs = {"head": "torchvision"} if family == "deeplabv3" else {}
+    model = models.create_model(family, num_classes=21, backbone="resnet101", aux_head=True,
+                                **kwargs)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert models.count_params(shapes) == _torch_param_count(reference)
+
+
+def test_segmentation_checkpoint_without_aux_head_builds_model_without_it():
+    with torch.device("meta"):
+        reference = torchvision.models.segmentation.fcn_resnet50(
+            weights=None, weights_backbone=None, num_classes=3, aux_loss=False)
+    state = {k: np.zeros(v.shape, np.float32) for k, v in reference.state_dict().items()}
+    model, variables = weights.convert_torchvision("fcn_resnet50", state)
+    assert not model.aux_head and model.num_classes == 3
+    assert "aux_head" not in variables["params"]
+    assert models.count_params(variables) == _torch_param_count(reference)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _zeros_state(module):
+    return {k: np.zeros(v.shape, np.float32) for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def resnet50_state():
+    with torch.device("meta"):
+        return _zeros_state(torchvision.models.resnet50())
+
+
+def test_unknown_arch_is_one_clear_error(resnet50_state):
+    with pytest.raises(weights.WeightsError, match="Unknown torchvision arch 'resnet18'.*resnet50"):
+        weights.convert_torchvision("resnet18", resnet50_state)
+    with pytest.raises(weights.WeightsError, match="Unknown timm arch 'xception41'"):
+        weights.convert_timm("xception41", resnet50_state)
+
+
+def test_wrong_architecture_lists_missing_keys(resnet50_state):
+    with pytest.raises(weights.WeightsError) as err:
+        weights.convert_torchvision("resnet101", resnet50_state)
+    message = str(err.value)
+    assert "looks like 'resnet50'" in message and "torchvision's 'resnet101'" in message
+    # layer3 has 6 units in ResNet-50, 23 in ResNet-101: 17 units × 15 tensors are missing.
+    assert "255 missing keys" in message and "layer3.6.bn1.bias" in message
+    assert "unexpected" not in message
+
+
+def test_segmentation_arch_given_a_backbone_checkpoint(resnet50_state):
+    with pytest.raises(weights.WeightsError, match="not a torchvision 'deeplabv3_resnet50' "
+                                                   "checkpoint; it looks like 'resnet50'"):
+        weights.convert_torchvision("deeplabv3_resnet50", resnet50_state)
+
+
+def test_unexpected_and_misshaped_keys_are_listed_together(resnet50_state):
+    state = dict(resnet50_state)
+    state["layer1.0.conv2.weight"] = np.zeros((64, 64, 5, 5), np.float32)
+    state["layer5.0.conv1.weight"] = np.zeros((1,), np.float32)
+    del state["layer4.2.bn3.running_var"]
+    with pytest.raises(weights.WeightsError) as err:
+        weights.convert_torchvision("resnet50", state)
+    message = str(err.value)
+    assert "1 missing keys: layer4.2.bn3.running_var" in message
+    assert "1 unexpected keys: layer5.0.conv1.weight" in message
+    assert "1 keys of the wrong shape: layer1.0.conv2.weight (64, 64, 5, 5)" in message
+    assert "(needs (3, 3, 64, 64) for params/layer1_0/conv2/kernel)" in message
+
+
+def test_vgg_checkpoint_for_resnet_is_refused():
+    with torch.device("meta"):
+        state = _zeros_state(torchvision.models.vgg16().features)
+    state = {f"features.{k}": v for k, v in state.items()}
+    # ResNet-50 has 53 convs and 53 BNs (4 tensors each): 265 tensors; VGG16 has 26.
+    with pytest.raises(weights.WeightsError, match="looks like 'vgg16'.*265 missing keys: "
+                                                   "conv1.weight.*26 unexpected keys: features.0"):
+        weights.convert_torchvision("resnet50", state)
+
+
+# ----------------------------------------------------------------------------- files
+
+def _small_state():
+    rng = np.random.default_rng(0)
+    return {"conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "bn.running_var": rng.uniform(size=(4,)).astype(np.float32)}
+
+
+def test_pth_and_safetensors_round_trip(tmp_path):
+    from safetensors.numpy import save_file
+
+    state = _small_state()
+    torch.save({"state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in state.items()}},
+               tmp_path / "w.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for name in ("w.pth", "w.safetensors"):
+        loaded = weights.load_state_dict(tmp_path / name)
+        assert sorted(loaded) == sorted(state)  # wrapper and 'module.' prefix removed
+        for key in state:
+            assert isinstance(loaded[key], np.ndarray)
+            np.testing.assert_array_equal(loaded[key], state[key])
+
+
+def test_safetensors_loads_without_torch(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file(_small_state(), str(tmp_path / "w.safetensors"))
+    code = ("import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+            "from flaxseg import weights\n"
+            f"state = weights.load_state_dict({str(tmp_path / 'w.safetensors')!r})\n"
+            "print(sorted(state), state['conv.weight'].shape)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "['bn.running_var', 'conv.weight'] (4, 3, 3, 3)" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["w.pth", "w.safetensors"])
+def test_truncated_file_is_one_clear_error(tmp_path, name):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / name
+    state = _small_state()
+    if name.endswith(".pth"):
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    else:
+        save_file(state, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(weights.WeightsError, match=f"Could not read {path}.*truncated"):
+        weights.load_state_dict(path)
+
+
+def test_missing_file_is_one_clear_error(tmp_path):
+    with pytest.raises(weights.WeightsError, match="does not exist"):
+        weights.load_state_dict(tmp_path / "nope.pth")
+    with pytest.raises(weights.WeightsError, match="does not exist"):
+        weights.convert_torchvision("resnet50", str(tmp_path / "nope.pth"))
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def _random_variables(model, seed=0, size=64):
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    rng = np.random.default_rng(seed)
+    shapes = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def test_load_pretrained_backbone_from_torchvision_imagenet_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    torch.manual_seed(0)
+    state = {k: v.numpy() for k, v in torchvision.models.resnet50().state_dict().items()}
+    path = tmp_path / "resnet50.safetensors"
+    save_file(state, str(path))
+    model = models.create_model("deeplabv3plus", num_classes=21, backbone="resnet50")
+    variables = _random_variables(model)
+
+    loaded, report = weights.load_pretrained_backbone(variables, path)
+    key_map = torchvision_resnet_key_map(50)
+    flat = traverse_util.flatten_dict(loaded)
+    for (collection, *rest), key in key_map.items():
+        value = np.asarray(flat[(collection, "backbone", *rest)])
+        expected = state[key].transpose(2, 3, 1, 0) if state[key].ndim == 4 else state[key]
+        np.testing.assert_array_equal(value, expected)
+    assert report.source == "resnet50" and len(report.loaded) == len(key_map)
+    assert report.unused == ("fc.bias", "fc.weight")
+    assert report.random and not any(name.startswith("backbone/") for name in report.random)
+    assert {name.split("/")[0] for name in report.random} == {
+        "aspp", "low_level_project", "decoder_0", "decoder_1", "classifier"}
+    old, new = traverse_util.flatten_dict(variables), flat
+    for path_, value in old.items():  # the head is untouched
+        if path_[1] != "backbone":
+            np.testing.assert_array_equal(np.asarray(new[path_]), value)
+    assert "stayed random" in str(report) and "aspp" in str(report) and "fc.weight" in str(report)
+
+
+def test_deep_stem_keeps_a_random_stem_with_a_torchvision_file(tmp_path):
+    tiny = ResNet(depth=50, base_width=4)
+    source = _random_variables(tiny, seed=1)
+    flat_source = traverse_util.flatten_dict(source)
+    state = {}
+    for path_, key in torchvision_resnet_key_map(50).items():
+        value = np.asarray(flat_source[path_])
+        state[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+    state["fc.weight"] = np.zeros((10, 128), np.float32)
+    path = tmp_path / "tiny.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+
+    deep = ResNet(depth=50, base_width=4, deep_stem=True)
+    variables = _random_variables(deep, seed=2)
+    loaded, report = weights.load_pretrained_backbone(variables, path)
+    assert {name.split("/")[0] for name in report.random} == {
+        "stem_0", "stem_1", "stem_3", "stem_4", "stem_6", "stem_7"}
+    assert report.unused == ("bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.weight",
+                             "conv1.weight", "fc.weight")
+    np.testing.assert_array_equal(loaded["params"]["layer4_2"]["conv3"]["kernel"],
+                                  source["params"]["layer4_2"]["conv3"]["kernel"])
+    np.testing.assert_array_equal(loaded["params"]["stem_0"]["kernel"],
+                                  variables["params"]["stem_0"]["kernel"])
+
+
+def test_load_pretrained_xception_backbone_from_timm_keys(tmp_path):
+    from safetensors.numpy import save_file
+
+    tiny = dict(backbone="xception65", base_width=4, num_middle_units=16, aspp_channels=8,
+                low_level_channels=4, decoder_channels=8)
+    model = models.create_model("deeplabv3plus", num_classes=3, **tiny)
+    source = _random_variables(model, seed=3)
+    flat_source = traverse_util.flatten_dict(source)
+    state = {"head.fc.weight": np.zeros((1000, 128), np.float32)}
+    for (collection, *rest), key in timm_xception65_key_map().items():
+        value = np.asarray(flat_source[(collection, "backbone", *rest)])
+        # safetensors writes the raw buffer: hand it C-contiguous arrays.
+        state[key] = np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value)
+    save_file(state, str(tmp_path / "x.safetensors"))
+    loaded, report = weights.load_pretrained_backbone(_random_variables(model, seed=4),
+                                                      tmp_path / "x.safetensors")
+    assert report.source == "xception65" and report.unused == ("head.fc.weight",)
+    np.testing.assert_array_equal(loaded["params"]["backbone"]["blocks_10"]["stack_conv2"]
+                                  ["conv_dw"]["kernel"],
+                                  source["params"]["backbone"]["blocks_10"]["stack_conv2"]
+                                  ["conv_dw"]["kernel"])
+
+
+def test_load_pretrained_backbone_refuses_another_architecture(tmp_path):
+    with torch.device("meta"):
+        shapes = torchvision.models.vgg16().features.state_dict()
+    state = {f"features.{k}": torch.zeros(v.shape) for k, v in list(shapes.items())[:4]}
+    path = tmp_path / "vgg_part.pth"
+    torch.save(state, path)
+    model = models.create_model("deeplabv3", num_classes=3, backbone="resnet50", base_width=4,
+                                aspp_channels=8)
+    with pytest.raises(weights.WeightsError,
+                       match=r"vgg_part.pth \(vgg16\) does not fit the model's resnet50 backbone: "
+                             r"\d+ missing keys: layer1.0"):
+        weights.load_pretrained_backbone(_random_variables(model), path)
