@@ -22,6 +22,7 @@ flags.DEFINE_integer("output_stride", None, "Evaluate at another output stride (
 def main(argv):
     del argv
     cli.enable_compilation_cache()
+    cli.quiet_library_logs()
     summary = cli.run_or_exit(
         "eval.py",
         loop.evaluate_workdir,

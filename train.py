@@ -54,6 +54,7 @@ _OVERRIDES = (
 def main(argv):
     del argv
     cli.enable_compilation_cache()
+    cli.quiet_library_logs()
     config = FLAGS.config
     for name in _OVERRIDES:
         if FLAGS[name].value is not None:

@@ -148,7 +148,7 @@ def detect_architecture(state_dict: Mapping[str, Any]) -> str | None:
 
 def _to_flax_layout(value: np.ndarray, target_ndim: int) -> np.ndarray:
     if value.ndim == 4 and target_ndim == 4:
-        return value.transpose(2, 3, 1, 0)  # Conv2d OIHW -> HWIO (depthwise: [C,1,k,k] -> [k,k,1,C])
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO; depthwise [C,1,k,k] -> [k,k,1,C]
     if value.ndim == 2 and target_ndim == 2:
         return value.T  # Linear [out, in] -> Dense [in, out]
     return value
@@ -161,15 +161,17 @@ def _listing(what: str, items: list[str]) -> str:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], key_map: Mapping[tuple[str, ...], str],
-                       target: Mapping[str, Any], *, source: str = "the state dict",
+                       target: Mapping[str, Any], *, ignore_classifier: bool = False,
+                       source: str = "the state dict",
                        expected: str = "the model") -> dict[str, Any]:
     """Strictly convert ``state_dict`` along ``key_map`` ({flax path: torch key}).
 
     ``target`` holds the model's variables or their ``jax.eval_shape``; every path of the key
     map must exist there with the converted shape. Keys of the state dict that no path uses are
-    an error, except ``num_batches_tracked`` counters and ImageNet classifier entries (``fc.*``,
-    ``classifier.*``, ``head.fc.*``) when the key map does not use them. All missing, unexpected
-    and mis-shaped keys are reported together in one ``WeightsError``.
+    an error, except ``num_batches_tracked`` counters and, with ``ignore_classifier`` (a
+    backbone's ImageNet checkpoint), the classifier entries (``fc.*``, ``classifier.*``,
+    ``head.fc.*``). All missing, unexpected and mis-shaped keys are reported together in one
+    ``WeightsError``.
     """
     state_dict = _as_state_dict(state_dict)
     flat_target = traverse_util.flatten_dict(_plain(target))
@@ -178,7 +180,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], key_map: Mapping[tuple[str
     missing = [key for key in key_map.values() if key not in state_dict]
     unexpected = [
         key for key in state_dict if key not in used and not key.endswith("num_batches_tracked")
-        and not _CLASSIFIER_KEY.match(key)]
+        and not (ignore_classifier and _CLASSIFIER_KEY.match(key))]
     misshaped, flat = [], {}
     for path, key in key_map.items():
         assert path in flat_target, f"key map path {path} is not a variable of the model"
@@ -262,7 +264,9 @@ def convert_torchvision(arch: str, state_dict: Mapping[str, Any] | str | os.Path
             model = FCNResNet(num_classes=num_classes, backbone=backbone, aux_head=aux_head,
                               dtype=dtype)
             key_map = torchvision_fcn_resnet_key_map(depth, aux_head)
-    variables = convert_state_dict(state_dict, key_map, _shapes(model), source=source,
+    backbone_only = arch.startswith(("resnet", "vgg"))
+    variables = convert_state_dict(state_dict, key_map, _shapes(model),
+                                   ignore_classifier=backbone_only, source=source,
                                    expected=expected)
     return model, variables
 
@@ -280,7 +284,8 @@ def convert_timm(arch: str, state_dict: Mapping[str, Any] | str | os.PathLike,
         state_dict, (str, os.PathLike)) else "The state dict"
     model = Xception65(dtype=dtype)
     variables = convert_state_dict(_as_state_dict(state_dict), timm_xception65_key_map(),
-                                   _shapes(model), source=source, expected=f"timm's {arch!r}")
+                                   _shapes(model), ignore_classifier=True, source=source,
+                                   expected=f"timm's {arch!r}")
     return model, variables
 
 
@@ -289,7 +294,8 @@ def convert_timm(arch: str, state_dict: Mapping[str, Any] | str | os.PathLike,
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedReport:
-    """What ``load_pretrained_backbone`` did: flax paths loaded and left random, file keys unused."""
+    """What ``load_pretrained_backbone`` did: flax paths loaded and left random, and the file's
+    unused keys."""
 
     path: str
     source: str
@@ -332,33 +338,29 @@ def _backbone_key_map(backbone: Mapping[str, Any]) -> tuple[str, dict, set]:
         "(expected a ResNet, Xception-65 or VGG-16 under params['backbone']).")
 
 
-def _decimated_fc(state_dict: Mapping[str, np.ndarray], flat_params: Mapping[tuple, Any],
-                  prefix: tuple[str, ...]) -> dict[tuple[str, ...], np.ndarray]:
+def _decimated_fc(state_dict: Mapping[str, np.ndarray],
+                  flat_params: Mapping[tuple, Any]) -> dict[tuple[str, ...], np.ndarray]:
     """VGG's fc6/fc7 as the model's fc6/fc7 convs: exact for FCN's 7×7×4096, decimated for
     DeepLab-LargeFOV's 3×3×1024 (Chen et al. 2015, Sec. 4.1: fc layers subsampled spatially
-    and in channels)."""
-    out = {}
-    fc6, fc7 = flat_params.get((*prefix, "fc6", "kernel")), flat_params.get((*prefix, "fc7", "kernel"))
+    and in channels). Empty when the model has no such convs or the sizes do not divide."""
+    fc6, fc7 = flat_params.get(("fc6", "kernel")), flat_params.get(("fc7", "kernel"))
     if fc6 is None or fc7 is None or "classifier.0.weight" not in state_dict:
-        return out
+        return {}
     k, _, c_in, c6 = fc6.shape
-    w6 = state_dict["classifier.0.weight"]
+    w6, w7 = state_dict["classifier.0.weight"], state_dict["classifier.3.weight"]
     side = int(round((w6.shape[1] / c_in) ** 0.5))
     if (w6.shape[0] % c6 or side * side * c_in != w6.shape[1] or k > side
-            or fc7.shape[:3] != (1, 1, c6) or state_dict["classifier.3.weight"].shape[0] % fc7.shape[3]):
-        return out
-    channel_step = w6.shape[0] // c6
-    spatial = np.round(np.linspace(0, side - 1, k)).astype(int)
-    w6 = w6.reshape(w6.shape[0], c_in, side, side)[::channel_step][:, :, spatial][:, :, :, spatial]
-    b6 = state_dict["classifier.0.bias"][::channel_step]
-    step7 = state_dict["classifier.3.weight"].shape[0] // fc7.shape[3]
-    w7 = state_dict["classifier.3.weight"][::step7, ::channel_step]
-    b7 = state_dict["classifier.3.bias"][::step7]
-    out[(*prefix, "fc6", "kernel")] = w6.transpose(2, 3, 1, 0)
-    out[(*prefix, "fc6", "bias")] = b6
-    out[(*prefix, "fc7", "kernel")] = w7.T[None, None]
-    out[(*prefix, "fc7", "bias")] = b7
-    return out
+            or fc7.shape[:3] != (1, 1, c6) or w7.shape[0] % fc7.shape[3]):
+        return {}
+    step6, step7 = w6.shape[0] // c6, w7.shape[0] // fc7.shape[3]
+    taps = np.round(np.linspace(0, side - 1, k)).astype(int)
+    w6 = w6.reshape(w6.shape[0], c_in, side, side)[::step6][:, :, taps][:, :, :, taps]
+    return {
+        ("fc6", "kernel"): w6.transpose(2, 3, 1, 0),
+        ("fc6", "bias"): state_dict["classifier.0.bias"][::step6],
+        ("fc7", "kernel"): w7[::step7, ::step6].T[None, None],
+        ("fc7", "bias"): state_dict["classifier.3.bias"][::step7],
+    }
 
 
 def load_pretrained_backbone(variables: Mapping[str, Any],
@@ -409,7 +411,8 @@ def load_pretrained_backbone(variables: Mapping[str, Any],
             + ("; ".join(parts) or "no entry matches") + ".")
     if kind.startswith("vgg"):
         fc_params = traverse_util.flatten_dict(params)
-        loaded.update({("params", *p): v for p, v in _decimated_fc(state_dict, fc_params, ()).items()})
+        fc = _decimated_fc(state_dict, fc_params)
+        loaded.update({("params", *p): value for p, value in fc.items()})
 
     for flax_path, value in loaded.items():
         flat[flax_path] = jnp.asarray(value, dtype=flat[flax_path].dtype)

@@ -3,6 +3,8 @@ papers' structure at full size (traced, not computed), atrous rates as wired, im
 batch size 1, output stride switched at evaluation, multi-scale fusion, and bad arguments."""
 
 import functools
+import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -13,11 +15,19 @@ from flax import traverse_util
 
 from flaxseg import models
 from flaxseg.models import layers
-from flaxseg.models.heads import ASPP
+from flaxseg.models.heads import ASPP, ImagePooling
+from flaxseg.models.backbones.vgg import (VGG16, VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS,
+                                          torchvision_vgg16_key_map)
+
+for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 NUM_CLASSES = 5
 # Tiny variants covering every code path: (registry name, kwargs).
 CASES = {
+    "deeplabv1": ("deeplabv1", dict(base_width=4, fc_channels=16)),
     "deeplabv2": ("deeplabv2", dict(backbone="resnet50", base_width=4)),
     "deeplabv2_msc": ("deeplabv2", dict(backbone="resnet50", base_width=4,
                                         input_scales=(1.0, 0.75, 0.5))),
@@ -64,6 +74,14 @@ def _random_variables(model, seed=0):
     return jax.tree_util.tree_map_with_path(fill, _shapes(model))
 
 
+def _random_variables_of(module, x, seed=0):
+    shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, size=s.shape).astype(np.float32)
+                        if len(s.shape) == 1 else rng.normal(size=s.shape).astype(np.float32),
+                        shapes)
+
+
 def _images(batch, height, width, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, height, width, 3)),
                        jnp.float32)
@@ -75,30 +93,28 @@ def _flat_shapes(tree):
 
 # ----------------------------------------------------------------------------- shapes
 
-@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("output_stride,batch,height,width", [(8, 2, 37, 53), (16, 1, 67, 45)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_have_input_size_at_odd_sizes(case, output_stride):
+def test_logits_have_input_size_at_odd_sizes(case, output_stride, batch, height, width):
     model = _tiny(case, output_stride=output_stride)
     variables = _shapes(model)
-    for batch, height, width in [(2, 37, 53), (1, 67, 45)]:
-        images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
-        expected = (batch, height, width, NUM_CLASSES)
-        logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
-        assert (logits.shape, logits.dtype) == (expected, jnp.float32)
-        logits, state = jax.eval_shape(
-            functools.partial(model.apply, train=True,
-                              mutable=["batch_stats", layers.AUX_COLLECTION]),
-            variables, images, rngs={"dropout": jax.random.key(0)})
-        assert (logits.shape, logits.dtype) == (expected, jnp.float32)
-        aux = jax.tree.leaves(state.get(layers.AUX_COLLECTION, {}))
-        assert len(aux) == AUX_ENTRIES.get(case, 0)
-        assert all((a.shape, a.dtype) == (expected, jnp.float32) for a in aux)
+    images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+    expected = (batch, height, width, NUM_CLASSES)
+    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+    assert (logits.shape, logits.dtype) == (expected, jnp.float32)
+    logits, state = jax.eval_shape(
+        functools.partial(model.apply, train=True, mutable=["batch_stats", layers.AUX_COLLECTION]),
+        variables, images, rngs={"dropout": jax.random.key(0)})
+    assert (logits.shape, logits.dtype) == (expected, jnp.float32)
+    aux = jax.tree.leaves(state.get(layers.AUX_COLLECTION, {}))
+    assert len(aux) == AUX_ENTRIES.get(case, 0)
+    assert all((a.shape, a.dtype) == (expected, jnp.float32) for a in aux)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_output_stride_changes_no_parameter_shape(case):
-    shapes = [_flat_shapes(_shapes(_tiny(case, output_stride=s))) for s in (8, 16, 32)]
-    assert shapes[0] == shapes[1] == shapes[2]
+    shapes = [_flat_shapes(_shapes(_tiny(case, output_stride=s))) for s in (8, 16)]
+    assert shapes[0] == shapes[1]
 
 
 # ----------------------------------------------------------------------------- full-size structure
@@ -146,6 +162,15 @@ def test_deeplabv3plus_xception_uses_separable_aspp_and_decoder():
                 and k.endswith("stack_conv1/conv_dw/kernel")]) == 3 + 16 + 2
 
 
+def test_deeplabv1_head_is_largefov():
+    params = _full_size_params("deeplabv1")
+    head = {k: v for k, v in params.items() if not k.startswith("backbone/")}
+    assert head == {"fc6/kernel": (3, 3, 512, 1024), "fc6/bias": (1024,),
+                    "fc7/kernel": (1, 1, 1024, 1024), "fc7/bias": (1024,),
+                    "fc8/kernel": (1, 1, 1024, 21), "fc8/bias": (21,)}
+    assert len([k for k in params if k.startswith("backbone/")]) == 2 * 13
+
+
 def test_deeplabv2_head_is_aspp_l():
     params = _full_size_params("deeplabv2", backbone="resnet101")
     head = {k: v for k, v in params.items() if not k.startswith("backbone/")}
@@ -162,7 +187,9 @@ def _conv_dilations(model, **apply_kwargs):
     def record(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, nn.Conv) and context.method_name == "__call__":
-            dilations["/".join(module.scope.path)] = module.kernel_dilation[0]
+            dilation = module.kernel_dilation
+            dilations["/".join(module.scope.path)] = (
+                dilation if isinstance(dilation, int) else dilation[0])
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
@@ -189,6 +216,40 @@ def test_output_stride_given_at_apply_rewires_rates():
     assert tuple(dilations[f"aspp/convs_{i}/conv"] for i in (1, 2, 3)) == (12, 24, 36)
 
 
+def test_deeplabv1_rates():
+    dilations = _conv_dilations(_tiny("deeplabv1"))
+    assert dilations["fc6"] == 12
+    assert [dilations[f"backbone/features_{i}"] for i in (21, 24, 26, 28)] == [1, 2, 2, 2]
+    dilations = _conv_dilations(_tiny("deeplabv1", output_stride=16))
+    assert dilations["fc6"] == 6
+    assert [dilations[f"backbone/features_{i}"] for i in (21, 24, 26, 28)] == [1, 1, 1, 1]
+
+
+def test_deeplabv1_vgg_matches_a_torch_largefov_backbone():
+    # torchvision's VGG16 features with the DeepLab v1 surgery done by hand: pool4/pool5 3×3
+    # stride 1 pad 1, conv5 dilation 2.
+    base = 4
+    cfg = []
+    for depth, mult in zip(VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS):
+        cfg += [base * mult] * depth + ["M"]
+    torch.manual_seed(0)
+    features = torchvision.models.vgg.make_layers(cfg).eval()
+    for index in (23, 30):
+        features[index] = torch.nn.MaxPool2d(3, 1, 1)
+    for index in (24, 26, 28):
+        features[index].dilation, features[index].padding = (2, 2), (2, 2)
+    module = VGG16(base_width=base, output_stride=8)
+    state = {f"features.{k}": v.numpy() for k, v in features.state_dict().items()}
+    flat = {path: (state[key].transpose(2, 3, 1, 0) if state[key].ndim == 4 else state[key])
+            for path, key in torchvision_vgg16_key_map(False).items()}
+    x = np.random.default_rng(0).normal(size=(1, 45, 59, 3)).astype(np.float32)
+    ours = jax.jit(module.apply)(traverse_util.unflatten_dict(flat), jnp.asarray(x))
+    with torch.no_grad():
+        theirs = features(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert ours[32].shape == theirs.shape == (1, 5, 7, 8 * base)  # floor(45 / 8), floor(59 / 8)
+    assert np.abs(np.asarray(ours[32]) - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+
 def test_deeplabv2_and_xception_rates():
     dilations = _conv_dilations(_tiny("deeplabv2"))
     assert tuple(dilations[f"aspp/branches_{i}"] for i in range(4)) == (6, 12, 18, 24)
@@ -201,36 +262,48 @@ def test_deeplabv2_and_xception_rates():
 def test_image_pooling_trains_at_batch_size_one():
     # PyTorch's ASPP raises here ("Expected more than 1 value per channel when training");
     # naive batch statistics would zero the branch and corrupt its running variance.
-    model = _tiny("deeplabv3")
-    variables = _random_variables(model)
-    images = _images(1, 41, 49)
+    aspp = ASPP(4, (1, 2, 3), dropout_rate=0.0)
+    x = _images(1, 7, 9)
+    variables = _random_variables_of(aspp, x)
 
     def loss_fn(params):
-        logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                    images, train=True, mutable=["batch_stats"],
-                                    rngs={"dropout": jax.random.key(0)})
-        return jnp.mean(logits ** 2), (logits, state)
+        y, state = aspp.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                              train=True, mutable=["batch_stats"])
+        return jnp.mean(y ** 2), (y, state)
 
-    grads, (logits, state) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
-    assert np.isfinite(np.asarray(logits)).all() and logits.shape == (1, 41, 49, NUM_CLASSES)
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-    pool_grad = grads["aspp"]["convs_4"]["pool"]
+    grads, (y, state) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+    assert np.isfinite(np.asarray(y)).all()
+    pool_grad = grads["convs_4"]["pool"]
     assert np.abs(np.asarray(pool_grad["conv"]["kernel"])).max() > 0
     assert np.abs(np.asarray(pool_grad["bn"]["scale"])).max() > 0
     before, after = variables["batch_stats"], state["batch_stats"]
-    np.testing.assert_array_equal(after["aspp"]["convs_4"]["pool"]["bn"]["var"],
-                                  before["aspp"]["convs_4"]["pool"]["bn"]["var"])
-    assert not np.allclose(after["aspp"]["convs_0"]["bn"]["var"],
-                           before["aspp"]["convs_0"]["bn"]["var"])
+    np.testing.assert_array_equal(after["convs_4"]["pool"]["bn"]["var"],
+                                  before["convs_4"]["pool"]["bn"]["var"])
+    assert not np.allclose(after["convs_0"]["bn"]["var"], before["convs_0"]["bn"]["var"])
+    # The pooled branch alone is normalised exactly as at evaluation.
+    pooling = ImagePooling(4)
+    pool_variables = {c: v["convs_4"] for c, v in variables.items()}
+    np.testing.assert_allclose(
+        np.asarray(pooling.apply(pool_variables, x, train=True, mutable=["batch_stats"])[0]),
+        np.asarray(pooling.apply(pool_variables, x, train=False)), rtol=1e-6)
 
 
 def test_image_pooling_uses_batch_statistics_from_batch_size_two():
     aspp = ASPP(4, (1, 2, 3), dropout_rate=0.0)
-    x = _images(2, 7, 9)[..., :3]
-    variables = aspp.init(jax.random.key(0), x)
-    _, state = aspp.apply(variables, x, train=True, mutable=["batch_stats"])
+    x = _images(2, 7, 9)
+    variables = _random_variables_of(aspp, x)
+    _, state = jax.jit(functools.partial(aspp.apply, train=True, mutable=["batch_stats"]))(
+        variables, x)
     new = state["batch_stats"]["convs_4"]["pool"]["bn"]["var"]
     assert not np.allclose(new, variables["batch_stats"]["convs_4"]["pool"]["bn"]["var"])
+
+
+def test_deeplabv3_trains_at_batch_size_one():
+    model = _tiny("deeplabv3")
+    logits, state = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        _random_variables(model), _images(1, 41, 49), rngs={"dropout": jax.random.key(0)})
+    assert logits.shape == (1, 41, 49, NUM_CLASSES) and np.isfinite(np.asarray(logits)).all()
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state))
 
 
 def test_output_stride_switches_at_evaluation_with_the_same_variables():
@@ -274,7 +347,8 @@ def test_deeplabv3plus_xception_computes_finite_logits():
 
 # ----------------------------------------------------------------------------- bad arguments
 
-@pytest.mark.parametrize("name", ["deeplabv2", "deeplabv3", "deeplabv3plus", "fcn_resnet"])
+@pytest.mark.parametrize("name", ["deeplabv1", "deeplabv2", "deeplabv3", "deeplabv3plus",
+                                  "fcn_resnet"])
 def test_bad_output_stride_is_one_clear_error(name):
     with pytest.raises(ValueError, match="output_stride must be one of 8, 16, 32, got 12"):
         models.create_model(name, num_classes=21, output_stride=12)
@@ -288,6 +362,7 @@ def test_bad_output_stride_at_apply_is_one_clear_error():
 
 
 @pytest.mark.parametrize("name,valid", [
+    ("deeplabv1", "'vgg16', 'vgg16_bn'"),
     ("deeplabv2", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
     ("deeplabv3", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
     ("deeplabv3plus", "'resnet50', 'resnet101', 'xception65'"),

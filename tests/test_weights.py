@@ -147,6 +147,11 @@ def test_segmentation_checkpoint_without_aux_head_builds_model_without_it():
     assert not model.aux_head and model.num_classes == 3
     assert "aux_head" not in variables["params"]
     assert models.count_params(variables) == _torch_param_count(reference)
+    # A classifier entry torchvision's model does not have is an error for a segmentation arch
+    # (only a backbone's ImageNet checkpoint may carry a classifier that is dropped).
+    state["classifier.5.weight"] = np.zeros((3,), np.float32)
+    with pytest.raises(weights.WeightsError, match="1 unexpected keys: classifier.5.weight"):
+        weights.convert_torchvision("fcn_resnet50", state)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -366,3 +371,53 @@ def test_load_pretrained_backbone_refuses_another_architecture(tmp_path):
                        match=r"vgg_part.pth \(vgg16\) does not fit the model's resnet50 backbone: "
                              r"\d+ missing keys: layer1.0"):
         weights.load_pretrained_backbone(_random_variables(model), path)
+
+
+def _tiny_vgg_state(base, fc):
+    cfg = []
+    for depth, mult in zip((2, 2, 3, 3, 3), (1, 2, 4, 8, 8)):
+        cfg += [base * mult] * depth + ["M"]
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in torchvision.models.vgg.make_layers(cfg)
+             .state_dict().items()}
+    for index, layer in ((0, torch.nn.Linear(8 * base * 49, fc)), (3, torch.nn.Linear(fc, fc)),
+                         (6, torch.nn.Linear(fc, 10))):
+        state.update({f"classifier.{index}.{k}": v for k, v in layer.state_dict().items()})
+    return state
+
+
+def test_vgg_classifier_is_decimated_into_deeplabv1_fc6_fc7(tmp_path):
+    state = _tiny_vgg_state(base=4, fc=64)
+    torch.save(state, tmp_path / "vgg.pth")
+    model = models.create_model("deeplabv1", num_classes=3, base_width=4, fc_channels=16)
+    loaded, report = weights.load_pretrained_backbone(_random_variables(model),
+                                                      tmp_path / "vgg.pth")
+    # DeepLab-LargeFOV: 4096×7×7 -> 1024×3×3 by decimation; here 64 -> 16 channels (every 4th)
+    # and taps 0, 3, 6 of the 7×7 window.
+    w6 = state["classifier.0.weight"].numpy().reshape(64, 32, 7, 7)[::4][:, :, ::3, ::3]
+    np.testing.assert_array_equal(loaded["params"]["fc6"]["kernel"], w6.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(loaded["params"]["fc6"]["bias"],
+                                  state["classifier.0.bias"].numpy()[::4])
+    np.testing.assert_array_equal(loaded["params"]["fc7"]["kernel"][0, 0],
+                                  state["classifier.3.weight"].numpy()[::4, ::4].T)
+    assert {name.split("/")[0] for name in report.random} == {"fc8"}
+    assert report.unused == ("classifier.6.bias", "classifier.6.weight")
+
+
+def test_vgg_classifier_folds_exactly_into_fcn_fc6_fc7(tmp_path):
+    from flaxseg.models import fcn
+    from flaxseg.models.backbones import torch_state_dict_to_variables
+
+    state = _tiny_vgg_state(base=4, fc=16)
+    torch.save(state, tmp_path / "vgg.pth")
+    model = models.create_model("fcn8s", num_classes=3, base_width=4, fc_channels=16)
+    variables = _random_variables(model)
+    loaded, report = weights.load_pretrained_backbone(variables, tmp_path / "vgg.pth")
+    # The FCN engineer's own conversion of the same file is the reference.
+    reference = torch_state_dict_to_variables(state, fcn.torchvision_fcn_key_map("vgg16"),
+                                              target=variables)
+    for name in ("fc6", "fc7"):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(loaded["params"][name][leaf],
+                                          reference["params"][name][leaf])
+    assert "fc6/kernel" not in report.random and "backbone/features_0/kernel" not in report.random

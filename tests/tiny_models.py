@@ -5,11 +5,15 @@ every code path of the full one (same depth, dropout, BatchNorm, aux heads) at a
 """
 
 TINY_KWARGS = {
+    "fcn32s": dict(base_width=4, fc_channels=16),
+    "fcn16s": dict(base_width=4, fc_channels=16),
+    "fcn8s": dict(base_width=4, fc_channels=16),
     # Bayesian-SegNet dropout on so that train mode exercises the dropout rng.
     "segnet": dict(base_width=4, dropout_rate=0.5),
     "unet": dict(base_channels=4, batchnorm=True, dropout_rate=0.5),
     "pspnet": dict(backbone="resnet50", base_width=4, head_channels=8, aux_channels=8),
     "refinenet": dict(backbone="resnet50", base_width=4, features=8),
+    "deeplabv1": dict(base_width=4, fc_channels=16),
     "deeplabv2": dict(backbone="resnet50", base_width=4),
     "deeplabv3": dict(backbone="resnet50", base_width=4, aspp_channels=8),
     "deeplabv3plus": dict(backbone="resnet50", base_width=4, aspp_channels=8,

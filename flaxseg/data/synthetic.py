@@ -11,8 +11,10 @@ positions, aspect ratios and small rotations over a textured gradient background
 Objects overlap; later ones occlude earlier ones. As in VOC, a void band (255) two pixels wide
 runs along every boundary between different labels.
 
-With the defaults (500 train + 100 val images, 96..160 px a side) writing takes about
-4 s and the TFDS build about 5 s on two CPU cores.
+With the defaults (500 train + 100 val images, 96..160 px a side) writing takes about 3 s
+and `get_data_source('synthetic', ...)` about 4 s in all on two CPU cores (measured). It is
+learnable: a ~60k-parameter U-Net-like CNN trained 800 steps (batch 16, 64 px crops, Adam)
+reached 0.98 val mIoU, every class above 0.95 IoU (measured once, CPU).
 """
 
 import colorsys

@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flaxseg.models import (deeplabv2, deeplabv3, deeplabv3plus, fcn, fcn_resnet, pspnet,
-                            refinenet, segnet, unet)
+from flaxseg.models import (deeplabv1, deeplabv2, deeplabv3, deeplabv3plus, fcn, fcn_resnet,
+                            pspnet, refinenet, segnet, unet)
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn32s": fcn.FCN32s,
@@ -41,6 +41,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": unet.UNet,
     "pspnet": pspnet.PSPNet,
     "refinenet": refinenet.RefineNet,
+    "deeplabv1": deeplabv1.DeepLabV1,
     "deeplabv2": deeplabv2.DeepLabV2,
     "deeplabv3": deeplabv3.DeepLabV3,
     "deeplabv3plus": deeplabv3plus.DeepLabV3Plus,

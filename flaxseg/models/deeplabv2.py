@@ -55,7 +55,7 @@ class ASPPL(nn.Module):
 
 
 def scaled_size(size: int, scale: float) -> int:
-    """Caffe Interp's output size for a shrink by ``scale``: (n − 1)·scale + 1 (321 -> 241, 161)."""
+    """Caffe Interp's size for a shrink by ``scale``: (n − 1)·scale + 1 (321 -> 241, 161)."""
     return int((size - 1) * scale) + 1
 
 

@@ -68,7 +68,8 @@ class DeepLabV3(nn.Module):
         check_backbone(self.backbone, DILATED_BACKBONES, "DeepLab v3")
         if self.head not in HEADS:
             raise ValueError(
-                f"Unknown DeepLab v3 head {self.head!r}; valid heads: {', '.join(map(repr, HEADS))}.")
+                f"Unknown DeepLab v3 head {self.head!r}; valid heads: "
+                f"{', '.join(map(repr, HEADS))}.")
         if self.output_stride is not None:
             check_output_stride(self.output_stride)
         if self.num_classes < 1:

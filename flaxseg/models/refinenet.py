@@ -35,16 +35,21 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.backbones.resnet import ResNet
-from flaxseg.models.layers import Dtype, he_normal_fan_out, resize_bilinear
+from flaxseg.models.layers import Dtype, resize_bilinear
 
 BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
 CRP_STAGES = 4
+# PyTorch's default Conv2d init (kaiming_uniform, a=√5: U(±1/√fan_in)), which the reference
+# ports leave on RefineNet's own convolutions. These sit in BN-free residual sums (RCUs, four
+# chained CRP stages per block, cascaded over four blocks): He init there makes the logits'
+# std ~1e5 at initialisation even with a batch-normalised backbone, this init about 1.
+TORCH_DEFAULT_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _conv3x3(features: int, use_bias: bool, dtype: Dtype, param_dtype: Dtype,
              name: str) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                   kernel_init=he_normal_fan_out(), dtype=dtype, param_dtype=param_dtype,
+                   kernel_init=TORCH_DEFAULT_CONV_INIT, dtype=dtype, param_dtype=param_dtype,
                    name=name)
 
 
@@ -161,6 +166,6 @@ class RefineNet(nn.Module):
         for i in range(2):
             x = ResidualConvUnit(self.dtype, self.param_dtype, name=f"final_rcu{i + 1}")(x)
         logits = nn.Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)),
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="classifier")(dropout(x))
+                         kernel_init=TORCH_DEFAULT_CONV_INIT, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="classifier")(dropout(x))
         return resize_bilinear(logits, size).astype(jnp.float32)

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import torchvision_vgg16_key_map
 from flaxseg.models.backbones.vgg import VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS
-from flaxseg.models.layers import (BN_EPSILON, BN_MOMENTUM, ConvBNAct, Dtype,
-                                   he_normal_fan_out)
+from flaxseg.models.layers import BN_EPSILON, BN_MOMENTUM, ConvBNAct, Dtype, he_normal_fan_out
 from flaxseg.models.pooling import max_pool_with_indices, max_unpool
 
 BACKBONES = ("vgg16_bn",)

@@ -174,7 +174,8 @@ class UNet(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         height, width = images.shape[1:3]
         if self.padding == "valid":
-            valid_output_size(height), valid_output_size(width)  # clear error for small inputs
+            for n in (height, width):
+                valid_output_size(n)  # one clear error for inputs too small to survive
         x = images.astype(self.dtype)
         if self.backbone == "unet":
             skips = {}
@@ -187,7 +188,7 @@ class UNet(nn.Module):
         else:
             features = ResNet(depth=RESNET_BACKBONES[self.backbone],
                               base_width=self.base_channels, dtype=self.dtype,
-                              name="backbone")(x, train)
+                              param_dtype=self.param_dtype, name="backbone")(x, train)
             x = features[32]
             skips = {stride: features[stride] for stride in (4, 8, 16)}
             width_at = lambda stride: self.base_channels * stride // 4  # noqa: E731

@@ -17,6 +17,14 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def quiet_library_logs() -> None:
+    """Orbax and TFDS log every step at INFO; keep stdout for flaxseg's own lines unless -v asked."""
+    from absl import flags
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def run_or_exit(program: str, fn, *args, **kwargs):
     """Calls fn; an error a user caused (bad flag, path, data, workdir) ends in one line, exit code 2."""
     try:

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxseg import data as data_lib
@@ -269,14 +268,15 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     mesh = create_mesh()
     tx, schedule = create_optimizer(config)
     state = init_state(model, tx, config, mesh)
-    logging.info("%s: %s parameters", config.model, f"{models.count_params(state.params):,}")
+    _say(f"{config.model}: {models.count_params(state.params):,} parameters, "
+         f"{jax.device_count()} device(s), global batch {config.batch_size}")
 
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
     if latest is not None:
         restored = checkpointing.restore(manager, latest, state_lib.state_to_checkpoint(state))
         state = state_lib.state_from_checkpoint(state, restored["state"])
         train_iterator.set_state(restored["data"])
-        logging.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), latest)
+        _say(f"Resumed from {checkpointing.checkpoint_dir(workdir)} at step {latest}.")
 
     train_fn = jit_train_step(config, mesh)
     eval_fn = jit_eval_step(config.num_classes, config.ignore_label, mesh)
@@ -340,6 +340,11 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     summary["report"] = format_report(confusion, class_names(config.num_classes))
     summary["history"] = history
     return summary
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def _progress_bar(config, start):

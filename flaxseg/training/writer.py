@@ -1,10 +1,9 @@
-"""Metric writing: stdout (absl logging) and TensorBoard event files via tensorboardX."""
+"""Metric writing: stdout and TensorBoard event files via tensorboardX."""
 
 from pathlib import Path
 from typing import Mapping
 
 import jax
-from absl import logging
 
 
 class MetricWriter:
@@ -18,12 +17,9 @@ class MetricWriter:
             self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], log: bool = True) -> None:
-        if log:
-            logging.info(
-                "step %d: %s",
-                step,
-                ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items())),
-            )
+        if log and jax.process_index() == 0:
+            line = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
+            print(f"step {step}: {line}", flush=True)
         if self._writer is not None:
             for name, value in scalars.items():
                 self._writer.add_scalar(name, float(value), step)

@@ -57,8 +57,18 @@ class VGG16(nn.Module):
     batchnorm: bool = False
     first_conv_padding: int = 1
     ceil_mode: bool = False
+    # DeepLab v1 (Chen et al. 2015): below 32, the pools that would exceed the output stride
+    # become 3×3 stride-1 (pad 1) pools and later convs are dilated by the stride removed
+    # (8: pool4/pool5 stride 1, conv5 dilation 2). Parameter shapes do not change.
+    output_stride: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(
+                f"output_stride must be one of 8, 16, 32, got {self.output_stride!r}.")
+        super().__post_init__()
 
     @property
     def out_channels(self) -> dict[int, int]:
@@ -68,11 +78,13 @@ class VGG16(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
         features = {}
         conv_indices = _torchvision_conv_indices(self.batchnorm)
+        stride, dilation = 1, 1
         for block, (indices, mult) in enumerate(zip(conv_indices, VGG16_WIDTH_MULTIPLIERS)):
             for index in indices:
-                pad = self.first_conv_padding if index == 0 else 1
+                pad = self.first_conv_padding if index == 0 else dilation
                 # torchvision keeps the conv bias even before BatchNorm; so do we, to load it.
                 x = nn.Conv(self.base_width * mult, (3, 3), padding=((pad, pad), (pad, pad)),
+                            kernel_dilation=(dilation, dilation),
                             kernel_init=he_normal_fan_out(), dtype=self.dtype,
                             param_dtype=self.param_dtype, name=f"features_{index}")(x)
                 if self.batchnorm:
@@ -83,7 +95,12 @@ class VGG16(nn.Module):
                 x = nn.relu(x)
             if block == 0:
                 features[1] = x
-            x = max_pool(x, 2, 2, ceil_mode=self.ceil_mode)
+            if 2 * stride > self.output_stride:
+                x = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+                dilation *= 2
+            else:
+                x = max_pool(x, 2, 2, ceil_mode=self.ceil_mode)
+                stride *= 2
             features[2 ** (block + 1)] = x
         return features
 
