@@ -130,8 +130,12 @@ def detect_architecture(state_dict: Mapping[str, Any]) -> str | None:
     else:
         head = ""
     if f"{prefix}layer1.0.conv1.weight" in keys:
-        units = len({k.split(".")[1] for k in keys if k.startswith(f"{prefix}layer3.")})
-        depth = {size[2]: d for d, size in STAGE_SIZES.items()}.get(units)
+        units = len({k[len(prefix):].split(".")[1] for k in keys
+                     if k.startswith(f"{prefix}layer3.")})
+        if f"{prefix}layer1.0.conv3.weight" in keys:  # bottleneck units
+            depth = {size[2]: d for d, size in STAGE_SIZES.items()}.get(units)
+        else:  # basic units: torchvision's ResNet-18/34, which flaxseg does not build
+            depth = {2: 18, 6: 34}.get(units)
         if depth is None:
             return None
         stem = "_v1c" if f"{prefix}stem.0.weight" in keys else ""
@@ -394,6 +398,8 @@ def load_pretrained_backbone(variables: Mapping[str, Any],
     flat = traverse_util.flatten_dict(variables)
     loaded, missing, misshaped = {}, [], []
     for flax_path, key in key_map.items():
+        if flax_path not in flat:  # e.g. variables given without their 'batch_stats'
+            continue
         if key not in state_dict:
             if flax_path not in stem:
                 missing.append(key)

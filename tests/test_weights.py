@@ -183,6 +183,23 @@ def test_wrong_architecture_lists_missing_keys(resnet50_state):
     assert "unexpected" not in message
 
 
+@pytest.mark.parametrize("builder,expected", [
+    (lambda: torchvision.models.resnet34(), "resnet34"),
+    (lambda: torchvision.models.resnet152(), "resnet152"),
+    (lambda: torchvision.models.vgg16_bn(), "vgg16_bn"),
+    (lambda: torchvision.models.segmentation.deeplabv3_resnet101(
+        weights=None, weights_backbone=None), "deeplabv3_resnet101"),
+    (lambda: torchvision.models.segmentation.fcn_resnet50(
+        weights=None, weights_backbone=None), "fcn_resnet50"),
+    (lambda: timm.create_model("xception65"), "xception65"),
+    (lambda: torch.nn.Linear(2, 2), None),
+])
+def test_detect_architecture(builder, expected):
+    with torch.device("meta"):
+        state = builder().state_dict()
+    assert weights.detect_architecture(state) == expected
+
+
 def test_segmentation_arch_given_a_backbone_checkpoint(resnet50_state):
     with pytest.raises(weights.WeightsError, match="not a torchvision 'deeplabv3_resnet50' "
                                                    "checkpoint; it looks like 'resnet50'"):
