@@ -32,6 +32,10 @@ flags.DEFINE_integer("steps", None, "Number of training steps.")
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
 flags.DEFINE_integer("crop_size", None, "Square training crop size in pixels.")
 flags.DEFINE_float("lr", None, "Base learning rate of the poly schedule.")
+flags.DEFINE_integer("output_stride", None, "Output stride (DeepLab/PSPNet models): 8, 16 or 32.")
+flags.DEFINE_string(
+    "pretrained", None, "Backbone weights (.pth/.pt/.safetensors, torchvision/timm)."
+)
 flags.DEFINE_integer(
     "seed", None, "Random seed (initialisation, data order, augmentation, dropout)."
 )
@@ -48,6 +52,8 @@ _OVERRIDES = (
     "crop_size",
     "lr",
     "seed",
+    "output_stride",
+    "pretrained",
 )
 
 

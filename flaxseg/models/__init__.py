@@ -23,6 +23,7 @@ Contract shared by every model:
 The registry below is the single list of architectures; tests walk all of it.
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,7 +64,15 @@ def create_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(
             f"Unknown model {name!r}; available models: {', '.join(list_models())}.")
-    return _MODELS[name](num_classes=num_classes, **kwargs)
+    constructor = _MODELS[name]
+    module_class = getattr(constructor, "func", constructor)  # registry entries may be partials
+    accepted = {field.name for field in dataclasses.fields(module_class)} - {"parent", "name"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Model {name!r} does not take {', '.join(unknown)}; its arguments are: "
+            f"{', '.join(sorted(accepted - {'num_classes'}))}.")
+    return constructor(num_classes=num_classes, **kwargs)
 
 
 def count_params(variables_or_shapes: Mapping[str, Any]) -> int:

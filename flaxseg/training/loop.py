@@ -83,11 +83,14 @@ def model_kwargs(config) -> dict:
 
 def model_spec(config) -> dict:
     """What identifies the architecture: recorded in every checkpoint, used to rebuild the model."""
+    kwargs = model_kwargs(config)
+    if config.output_stride:
+        kwargs["output_stride"] = int(config.output_stride)
     return {
         "model": config.model,
         "num_classes": int(config.num_classes),
         "backbone": config.backbone or None,
-        "model_kwargs": model_kwargs(config),
+        "model_kwargs": kwargs,
     }
 
 
@@ -193,6 +196,26 @@ def init_state(model, tx, config, mesh):
     return create(init_rng)
 
 
+def load_pretrained(state, path, mesh):
+    """Loads backbone weights from a PyTorch/safetensors file into a fresh state; says what stayed random."""
+    from flaxseg import weights
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--pretrained={path} does not exist.")
+    variables, report = weights.load_pretrained_backbone(
+        {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)},
+        path,
+    )
+    _say(str(report))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(variables["params"], replicated)
+    return state.replace(
+        params=params,
+        batch_stats=jax.device_put(variables.get("batch_stats", {}), replicated),
+        opt_state=jax.jit(state.tx.init, out_shardings=replicated)(params),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +294,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     _say(f"{config.model}: {models.count_params(state.params):,} parameters, "
          f"{jax.device_count()} device(s), global batch {config.batch_size}")
 
+    if config.pretrained and latest is None:
+        state = load_pretrained(state, config.pretrained, mesh)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
     if latest is not None:
         restored = checkpointing.restore(manager, latest, state_lib.state_to_checkpoint(state))
