@@ -234,3 +234,55 @@ def test_data_parallel_mesh_matches_single_device_and_pmap_runs(tmp_path):
     assert report["err_mesh"] < 1e-5, report
     assert report["loss_single"] == pytest.approx(report["loss_mesh"], rel=1e-5)
     assert report["pmap_replicas_differ"] == 0.0, report  # gradients were averaged over the axis
+
+
+def _tiny_resnet_torch_file(path, base_width):
+    """A torchvision-layout ResNet-50 state dict of tiny width (what a user's .pth holds)."""
+    import torch
+    from flax import traverse_util
+
+    from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
+
+    resnet = ResNet(depth=50, base_width=base_width)
+    variables = resnet.init(jax.random.key(7), np.zeros((1, 32, 32, 3), np.float32))
+    flat = traverse_util.flatten_dict(variables)
+    state = {}
+    for flax_path, key in torchvision_resnet_key_map(50).items():
+        value = np.asarray(flat[flax_path])
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+        state[key] = torch.from_numpy(np.ascontiguousarray(value))
+    torch.save(state, path)
+    return flat
+
+
+def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
+    source = _tiny_resnet_torch_file(tmp_path / "resnet50.pth", base_width=4)
+    config = tiny_config(
+        data_dir, model="deeplabv3plus", backbone="resnet50", steps=1, lr=1e-9,
+        model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8, "low_level_channels": 4,
+                                 "decoder_channels": 8}),
+        pretrained=str(tmp_path / "resnet50.pth"))
+    loop.train_and_evaluate(config, tmp_path / "wd")
+    assert "stayed random" in capsys.readouterr().out
+    params = checkpointing.restore(
+        checkpointing.create_manager(tmp_path / "wd", read_only=True), 1)["state"]["params"]
+    # With a vanishing learning rate, the trained backbone still equals the file.
+    kernel = source[("params", "layer3_1", "conv2", "kernel")]
+    np.testing.assert_allclose(params["backbone"]["layer3_1"]["conv2"]["kernel"], kernel, atol=1e-6)
+
+    with pytest.raises(FileNotFoundError, match="--pretrained=.*missing.pth does not exist"):
+        loop.train_and_evaluate(
+            tiny_config(data_dir, pretrained=str(tmp_path / "missing.pth")), tmp_path / "wd2")
+
+
+def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
+    config = tiny_config(
+        data_dir, model="deeplabv3", backbone="resnet50", steps=1, output_stride=16,
+        model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8}))
+    trained = loop.train_and_evaluate(config, tmp_path)
+    at_16 = loop.evaluate_workdir(tmp_path)
+    at_8 = loop.evaluate_workdir(tmp_path, output_stride=8)
+    assert at_16["miou"] == pytest.approx(trained["miou"], abs=1e-6)
+    assert 0.0 <= at_8["miou"] <= 1.0
+    with pytest.raises(ValueError, match="output_stride"):
+        loop.evaluate_workdir(tmp_path, output_stride=12)
