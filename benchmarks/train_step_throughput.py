@@ -86,18 +86,31 @@ def main(argv):
     names = FLAGS.models or models.list_models()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     device = jax.devices()[0]
-    print(f"# {device.platform} {device.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-          f"{FLAGS.size}x{FLAGS.size}, batch {FLAGS.batch_size}, {FLAGS.dtype}"
-          f"{', tiny widths' if FLAGS.tiny else ''}")
-    print(f"| {'model':<14} | {'params':>12} | {'train img/s':>11} | {'ms/step':>8} | {'eval img/s':>10} |")
+    print(
+        f"# {device.platform} {device.device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+        f"{FLAGS.size}x{FLAGS.size}, batch {FLAGS.batch_size}, {FLAGS.dtype}"
+        f"{', tiny widths' if FLAGS.tiny else ''}"
+    )
+    print(
+        f"| {'model':<14} | {'params':>12} | {'train img/s':>11} | {'ms/step':>8} | {'eval img/s':>10} |"
+    )
     print(f"|{'-' * 16}|{'-' * 14}|{'-' * 13}|{'-' * 10}|{'-' * 12}|")
     rows = []
     for name in names:
-        row = benchmark(name, size=FLAGS.size, batch_size=FLAGS.batch_size, dtype=dtype,
-                        steps_to_time=FLAGS.steps, tiny=FLAGS.tiny)
+        row = benchmark(
+            name,
+            size=FLAGS.size,
+            batch_size=FLAGS.batch_size,
+            dtype=dtype,
+            steps_to_time=FLAGS.steps,
+            tiny=FLAGS.tiny,
+        )
         rows.append(row)
-        print(f"| {name:<14} | {row['params']:>12,} | {row['train_img_s']:>11.2f} | "
-              f"{row['train_ms']:>8.1f} | {row['eval_img_s']:>10.2f} |", flush=True)
+        print(
+            f"| {name:<14} | {row['params']:>12,} | {row['train_img_s']:>11.2f} | "
+            f"{row['train_ms']:>8.1f} | {row['eval_img_s']:>10.2f} |",
+            flush=True,
+        )
     if FLAGS.json_out:
         Path(FLAGS.json_out).write_text(json.dumps(rows, indent=1))
 

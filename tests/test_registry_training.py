@@ -33,7 +33,9 @@ def tiny_config(name, data_dir):
     config.eval_batch_size = 2
     config.eval_bucket_multiple = 160  # synthetic images are ≤ 160 px: one eval shape, one compile
     config.steps = 8
-    config.lr = 0.02  # one rate for all: some paper defaults (DeepLab v2: 2.5e-4) barely move in 8 steps
+    config.lr = (
+        0.02  # one rate for all: some paper defaults (DeepLab v2: 2.5e-4) barely move in 8 steps
+    )
     config.log_every = 1
     config.progress_bar = False
     return model_configs.resolve(config)

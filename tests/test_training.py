@@ -258,27 +258,40 @@ def _tiny_resnet_torch_file(path, base_width):
 def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
     source = _tiny_resnet_torch_file(tmp_path / "resnet50.pth", base_width=4)
     config = tiny_config(
-        data_dir, model="deeplabv3plus", backbone="resnet50", steps=1, lr=1e-9,
-        model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8, "low_level_channels": 4,
-                                 "decoder_channels": 8}),
-        pretrained=str(tmp_path / "resnet50.pth"))
+        data_dir,
+        model="deeplabv3plus",
+        backbone="resnet50",
+        steps=1,
+        lr=1e-9,
+        model_kwargs=json.dumps(
+            {"base_width": 4, "aspp_channels": 8, "low_level_channels": 4, "decoder_channels": 8}
+        ),
+        pretrained=str(tmp_path / "resnet50.pth"),
+    )
     loop.train_and_evaluate(config, tmp_path / "wd")
     assert "stayed random" in capsys.readouterr().out
     params = checkpointing.restore(
-        checkpointing.create_manager(tmp_path / "wd", read_only=True), 1)["state"]["params"]
+        checkpointing.create_manager(tmp_path / "wd", read_only=True), 1
+    )["state"]["params"]
     # With a vanishing learning rate, the trained backbone still equals the file.
     kernel = source[("params", "layer3_1", "conv2", "kernel")]
     np.testing.assert_allclose(params["backbone"]["layer3_1"]["conv2"]["kernel"], kernel, atol=1e-6)
 
     with pytest.raises(FileNotFoundError, match="--pretrained=.*missing.pth does not exist"):
         loop.train_and_evaluate(
-            tiny_config(data_dir, pretrained=str(tmp_path / "missing.pth")), tmp_path / "wd2")
+            tiny_config(data_dir, pretrained=str(tmp_path / "missing.pth")), tmp_path / "wd2"
+        )
 
 
 def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
     config = tiny_config(
-        data_dir, model="deeplabv3", backbone="resnet50", steps=1, output_stride=16,
-        model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8}))
+        data_dir,
+        model="deeplabv3",
+        backbone="resnet50",
+        steps=1,
+        output_stride=16,
+        model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8}),
+    )
     trained = loop.train_and_evaluate(config, tmp_path)
     at_16 = loop.evaluate_workdir(tmp_path)
     at_8 = loop.evaluate_workdir(tmp_path, output_stride=8)

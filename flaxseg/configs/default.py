@@ -20,8 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_kwargs = (
         "{}"  # JSON dict of extra constructor arguments, e.g. '{"base_width": 16}'
     )
-    config.output_stride = 0      # DeepLab / PSPNet models: 8, 16 or 32; 0 = the model's default
-    config.pretrained = ""        # backbone weights file (.pth/.pt/.safetensors; flaxseg.weights)
+    config.output_stride = 0  # DeepLab / PSPNet models: 8, 16 or 32; 0 = the model's default
+    config.pretrained = ""  # backbone weights file (.pth/.pt/.safetensors; flaxseg.weights)
     config.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators. Params stay float32.
     config.num_classes = VOC_NUM_CLASSES
     # Weight of every auxiliary head's loss; None = the model's default (configs/models.py).

@@ -291,8 +291,10 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     mesh = create_mesh()
     tx, schedule = create_optimizer(config)
     state = init_state(model, tx, config, mesh)
-    _say(f"{config.model}: {models.count_params(state.params):,} parameters, "
-         f"{jax.device_count()} device(s), global batch {config.batch_size}")
+    _say(
+        f"{config.model}: {models.count_params(state.params):,} parameters, "
+        f"{jax.device_count()} device(s), global batch {config.batch_size}"
+    )
 
     if config.pretrained and latest is None:
         state = load_pretrained(state, config.pretrained, mesh)
