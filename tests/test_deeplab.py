@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from model_helpers import random_variables
 
 from flaxseg import models
 from flaxseg.models import layers
@@ -55,31 +56,6 @@ def _shapes(model, height=64, width=64):
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jnp.zeros((1, height, width, 3)))
     return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
-
-
-def _random_variables(model, seed=0):
-    """Host-made variables with the model's structure (compiling ``init`` costs more than the
-    forward pass on a 2-core CPU): He-scaled kernels, BN statistics near (0, 1)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return (std * rng.normal(size=leaf.shape)).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
-        return (0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, _shapes(model))
-
-
-def _random_variables_of(module, x, seed=0):
-    shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, size=s.shape).astype(np.float32)
-                        if len(s.shape) == 1 else rng.normal(size=s.shape).astype(np.float32),
-                        shapes)
 
 
 def _images(batch, height, width, seed=0):
@@ -264,7 +240,7 @@ def test_image_pooling_trains_at_batch_size_one():
     # naive batch statistics would zero the branch and corrupt its running variance.
     aspp = ASPP(4, (1, 2, 3), dropout_rate=0.0)
     x = _images(1, 7, 9)
-    variables = _random_variables_of(aspp, x)
+    variables = random_variables(aspp, x)
 
     def loss_fn(params):
         y, state = aspp.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -291,7 +267,7 @@ def test_image_pooling_trains_at_batch_size_one():
 def test_image_pooling_uses_batch_statistics_from_batch_size_two():
     aspp = ASPP(4, (1, 2, 3), dropout_rate=0.0)
     x = _images(2, 7, 9)
-    variables = _random_variables_of(aspp, x)
+    variables = random_variables(aspp, x)
     _, state = jax.jit(functools.partial(aspp.apply, train=True, mutable=["batch_stats"]))(
         variables, x)
     new = state["batch_stats"]["convs_4"]["pool"]["bn"]["var"]
@@ -301,14 +277,14 @@ def test_image_pooling_uses_batch_statistics_from_batch_size_two():
 def test_deeplabv3_trains_at_batch_size_one():
     model = _tiny("deeplabv3")
     logits, state = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
-        _random_variables(model), _images(1, 41, 49), rngs={"dropout": jax.random.key(0)})
+        random_variables(model), _images(1, 41, 49), rngs={"dropout": jax.random.key(0)})
     assert logits.shape == (1, 41, 49, NUM_CLASSES) and np.isfinite(np.asarray(logits)).all()
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state))
 
 
 def test_output_stride_switches_at_evaluation_with_the_same_variables():
     model = _tiny("deeplabv3", output_stride=16)
-    variables = _random_variables(model)
+    variables = random_variables(model)
     images = _images(2, 45, 51)
     at_16 = jax.jit(model.apply)(variables, images)
     at_8 = jax.jit(functools.partial(model.apply, output_stride=8))(variables, images)
@@ -321,7 +297,7 @@ def test_output_stride_switches_at_evaluation_with_the_same_variables():
 
 def test_deeplabv2_multi_scale_fuses_by_max_and_sows_each_scale():
     model = _tiny("deeplabv2_msc")
-    variables = _random_variables(model)
+    variables = random_variables(model)
     images = _images(1, 49, 57)
     logits, state = jax.jit(functools.partial(model.apply, mutable=[layers.AUX_COLLECTION]))(
         variables, images)
@@ -340,7 +316,7 @@ def test_deeplabv2_multi_scale_fuses_by_max_and_sows_each_scale():
 
 def test_deeplabv3plus_xception_computes_finite_logits():
     model = _tiny("deeplabv3plus_xception", output_stride=8)
-    logits = jax.jit(model.apply)(_random_variables(model), _images(1, 39, 45))
+    logits = jax.jit(model.apply)(random_variables(model), _images(1, 39, 45))
     assert logits.shape == (1, 39, 45, NUM_CLASSES) and np.isfinite(np.asarray(logits)).all()
     assert float(jnp.std(logits)) > 0
 

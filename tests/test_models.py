@@ -13,6 +13,7 @@ import torch
 from flax import traverse_util
 
 import tiny_models
+from model_helpers import random_variables
 
 from flaxseg import models
 from flaxseg.models import backbones, fcn, layers
@@ -43,27 +44,6 @@ def _tiny(name, **kwargs):
 def _shapes(model, height=64, width=64):
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((1, height, width, 3)))
-
-
-def _random_variables(model, seed=0):
-    """Variables with the model's exact structure and dtypes but generic random values.
-
-    Built on the host from ``eval_shape``: compiling a model's ``init`` (its RNG ops) costs tens
-    of seconds on a loaded 2-core CPU, and FCN's zero-initialised score layers would make every
-    logit 0 anyway. ``test_fcn8s_init_is_faithful`` covers the real ``init`` once.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":  # He-scaled, so activations stay O(1) through the deep stack
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return (std * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, size=leaf.shape).astype(leaf.dtype)
-        return (0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, _shapes(model))
 
 
 def _jit_apply(model):
@@ -122,7 +102,7 @@ def test_create_model_passes_settings_through():
 def test_count_params_accepts_variables_shapes_and_bare_params():
     model = _tiny("fcn32s")
     shapes = _shapes(model)
-    variables = _random_variables(model)
+    variables = random_variables(model)
     expected = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     assert expected > 0 and "batch_stats" not in variables
     assert models.count_params(variables) == models.count_params(shapes) == expected
@@ -161,7 +141,7 @@ def test_every_registered_model_meets_the_shape_and_dtype_contract(name):
 @pytest.mark.parametrize("name", FCN_NAMES)
 def test_fcn_logits_are_finite_and_generic_at_odd_sizes(name):
     model = _tiny(name)
-    variables, apply = _random_variables(model), _jit_apply(model)
+    variables, apply = random_variables(model), _jit_apply(model)
     for height, width in [(35, 47), (67, 93)]:
         logits = apply(variables, _images(2, height, width), train=False)
         assert logits.shape == (2, height, width, NUM_CLASSES)
@@ -173,7 +153,7 @@ def test_fcn_logits_are_finite_and_generic_at_odd_sizes(name):
 @pytest.mark.parametrize("name", FCN_NAMES)
 def test_fcn_train_mode_applies_dropout(name):
     model = _tiny(name)
-    variables, apply = _random_variables(model), _jit_apply(model)
+    variables, apply = random_variables(model), _jit_apply(model)
     images = _images(2, 35, 47)
 
     def train_apply(seed):
@@ -191,7 +171,7 @@ def test_fcn_train_mode_applies_dropout(name):
 @pytest.mark.parametrize("name", FCN_NAMES)
 def test_fcn_bfloat16_compute_gives_finite_float32_logits_close_to_float32(name):
     model = _tiny(name, dtype=jnp.bfloat16)
-    variables = _random_variables(model)
+    variables = random_variables(model)
     logits = _jit_apply(model)(variables, _images(1, 35, 47), train=False)
     assert logits.dtype == jnp.float32 and logits.shape == (1, 35, 47, NUM_CLASSES)
     assert np.isfinite(np.asarray(logits)).all()
@@ -224,14 +204,14 @@ def test_fcn8s_init_is_faithful():
 
 def test_fcn_alexnet_logits_have_input_size():
     model = _tiny("fcn32s", backbone="alexnet")
-    logits = _jit_apply(model)(_random_variables(model), _images(1, 67, 93), train=False)
+    logits = _jit_apply(model)(random_variables(model), _images(1, 67, 93), train=False)
     assert logits.shape == (1, 67, 93, NUM_CLASSES) and logits.dtype == jnp.float32
     assert float(jnp.std(logits)) > 0
 
 
 def test_fcn_vgg16_bn_trains_batch_stats():
     model = _tiny("fcn8s", backbone="vgg16_bn")
-    variables = _random_variables(model)
+    variables = random_variables(model)
     _, updates = _jit_apply(model)(variables, _images(2, 35, 47), train=True,
                                    mutable=("batch_stats",), rngs={"dropout": jax.random.key(0)})
     before = jax.tree.leaves(variables["batch_stats"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import random_variables
+from model_helpers import check_train_mode, random_variables
 from tiny_models import TINY_KWARGS
 
 from flaxseg import models
@@ -72,15 +72,7 @@ def test_train_mode_batch_stats_dropout_and_aux_logits(name):
     model = _tiny(name)
     images = _images(2, 33, 41)
     variables = random_variables(model, images)
-    train_apply = jax.jit(lambda seed: model.apply(
-        variables, images, train=True, mutable=["batch_stats", "aux"],
-        rngs={"dropout": jax.random.key(seed)}))
-    (first, updates), (second, _) = train_apply(1), train_apply(2)
-    assert first.shape == (2, 33, 41, NUM_CLASSES) and first.dtype == jnp.float32
-    assert not np.allclose(first, second)  # the dropout rng matters
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
-                           updates["batch_stats"])
-    assert all(jax.tree.leaves(changed))
+    first, updates = check_train_mode(model, variables, images, NUM_CLASSES)
 
     aux = updates.get("aux", {})
     if name == "pspnet":

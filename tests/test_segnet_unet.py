@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import random_variables
+from model_helpers import check_train_mode, random_variables
 from tiny_models import TINY_KWARGS
 
 from flaxseg import models
@@ -27,10 +27,6 @@ def _torchvision():
 
 def _images(batch, height, width, channels=3, seed=0):
     return jax.random.normal(jax.random.key(seed), (batch, height, width, channels))
-
-
-def _init(model, images):
-    return random_variables(model, images)
 
 
 def _apply(model, variables, images, **kwargs):
@@ -51,7 +47,7 @@ def _conv_params(c_in, c_out, k=3, bias=True, bn=False):
 ])
 def test_logits_at_input_size_for_odd_sizes(name, kwargs):
     model = models.create_model(name, num_classes=NUM_CLASSES, **{**TINY_KWARGS[name], **kwargs})
-    variables = _init(model, jnp.zeros((1, 35, 33, 3)))
+    variables = random_variables(model, jnp.zeros((1, 35, 33, 3)))
     # Floor pooling needs >= 32 px; rounding-up pools/strides handle maps smaller than 2^depth.
     sizes = [(35, 47), (9, 5)] if kwargs.get("ceil_mode", True) else [(35, 47), (63, 33)]
     for height, width in sizes:
@@ -65,18 +61,8 @@ def test_logits_at_input_size_for_odd_sizes(name, kwargs):
 def test_train_mode_updates_batch_stats_and_uses_dropout(name):
     model = models.create_model(name, num_classes=NUM_CLASSES, **TINY_KWARGS[name])
     images = _images(2, 33, 41)
-    variables = _init(model, images)
-    train_apply = jax.jit(lambda seed: model.apply(
-        variables, images, train=True, mutable=["batch_stats", "aux"],
-        rngs={"dropout": jax.random.key(seed)}))
-
-    (first, updates), (second, _) = train_apply(1), train_apply(2)
-    assert first.shape == (2, 33, 41, NUM_CLASSES) and first.dtype == jnp.float32
-    assert not np.allclose(first, second)  # the dropout rng matters
+    _, updates = check_train_mode(model, random_variables(model, images), images, NUM_CLASSES)
     assert "aux" not in updates or not updates["aux"]
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
-                           updates["batch_stats"])
-    assert all(jax.tree.leaves(changed))
 
 
 def test_bad_arguments_raise_one_clear_error():
@@ -103,7 +89,7 @@ def test_segnet_decoder_unpools_at_the_encoder_argmax():
     # pool1's argmax positions (for an odd 35×33 map).
     model = models.create_model("segnet", num_classes=NUM_CLASSES, base_width=4)
     images = _images(1, 35, 33)
-    variables = _init(model, images)
+    variables = random_variables(model, images)
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -189,7 +175,7 @@ def test_unet_valid_crops_align_encoder_and_decoder():
     # the tile at offset 16 of a larger input gives exactly the shifted output.
     model = models.create_model("unet", num_classes=2, padding="valid", base_channels=2)
     big = _images(1, 204, 204, channels=1)
-    variables = _init(model, big)
+    variables = random_variables(model, big)
     out_big = _apply(model, variables, big)
     out_tile = _apply(model, variables, big[:, 16:16 + 188, 16:16 + 188])
     assert out_big.shape == (1, 20, 20, 2) and out_tile.shape == (1, 4, 4, 2)

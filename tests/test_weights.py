@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from model_helpers import random_variables
 
 from flaxseg import models, weights
 from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
@@ -292,13 +293,6 @@ def test_missing_file_is_one_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- backbones
 
-def _random_variables(model, seed=0, size=64):
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    rng = np.random.default_rng(seed)
-    shapes = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
-    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
-
-
 def test_load_pretrained_backbone_from_torchvision_imagenet_file(tmp_path):
     from safetensors.numpy import save_file
 
@@ -307,7 +301,7 @@ def test_load_pretrained_backbone_from_torchvision_imagenet_file(tmp_path):
     path = tmp_path / "resnet50.safetensors"
     save_file(state, str(path))
     model = models.create_model("deeplabv3plus", num_classes=21, backbone="resnet50")
-    variables = _random_variables(model)
+    variables = random_variables(model)
 
     loaded, report = weights.load_pretrained_backbone(variables, path)
     key_map = torchvision_resnet_key_map(50)
@@ -330,7 +324,7 @@ def test_load_pretrained_backbone_from_torchvision_imagenet_file(tmp_path):
 
 def test_deep_stem_keeps_a_random_stem_with_a_torchvision_file(tmp_path):
     tiny = ResNet(depth=50, base_width=4)
-    source = _random_variables(tiny, seed=1)
+    source = random_variables(tiny, seed=1)
     flat_source = traverse_util.flatten_dict(source)
     state = {}
     for path_, key in torchvision_resnet_key_map(50).items():
@@ -341,7 +335,7 @@ def test_deep_stem_keeps_a_random_stem_with_a_torchvision_file(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
 
     deep = ResNet(depth=50, base_width=4, deep_stem=True)
-    variables = _random_variables(deep, seed=2)
+    variables = random_variables(deep, seed=2)
     loaded, report = weights.load_pretrained_backbone(variables, path)
     assert {name.split("/")[0] for name in report.random} == {
         "stem_0", "stem_1", "stem_3", "stem_4", "stem_6", "stem_7"}
@@ -359,7 +353,7 @@ def test_load_pretrained_xception_backbone_from_timm_keys(tmp_path):
     tiny = dict(backbone="xception65", base_width=4, num_middle_units=16, aspp_channels=8,
                 low_level_channels=4, decoder_channels=8)
     model = models.create_model("deeplabv3plus", num_classes=3, **tiny)
-    source = _random_variables(model, seed=3)
+    source = random_variables(model, seed=3)
     flat_source = traverse_util.flatten_dict(source)
     state = {"head.fc.weight": np.zeros((1000, 128), np.float32)}
     for (collection, *rest), key in timm_xception65_key_map().items():
@@ -367,7 +361,7 @@ def test_load_pretrained_xception_backbone_from_timm_keys(tmp_path):
         # safetensors writes the raw buffer: hand it C-contiguous arrays.
         state[key] = np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value)
     save_file(state, str(tmp_path / "x.safetensors"))
-    loaded, report = weights.load_pretrained_backbone(_random_variables(model, seed=4),
+    loaded, report = weights.load_pretrained_backbone(random_variables(model, seed=4),
                                                       tmp_path / "x.safetensors")
     assert report.source == "xception65" and report.unused == ("head.fc.weight",)
     np.testing.assert_array_equal(loaded["params"]["backbone"]["blocks_10"]["stack_conv2"]
@@ -387,7 +381,7 @@ def test_load_pretrained_backbone_refuses_another_architecture(tmp_path):
     with pytest.raises(weights.WeightsError,
                        match=r"vgg_part.pth \(vgg16\) does not fit the model's resnet50 backbone: "
                              r"\d+ missing keys: layer1.0"):
-        weights.load_pretrained_backbone(_random_variables(model), path)
+        weights.load_pretrained_backbone(random_variables(model), path)
 
 
 def _tiny_vgg_state(base, fc):
@@ -407,7 +401,7 @@ def test_vgg_classifier_is_decimated_into_deeplabv1_fc6_fc7(tmp_path):
     state = _tiny_vgg_state(base=4, fc=64)
     torch.save(state, tmp_path / "vgg.pth")
     model = models.create_model("deeplabv1", num_classes=3, base_width=4, fc_channels=16)
-    loaded, report = weights.load_pretrained_backbone(_random_variables(model),
+    loaded, report = weights.load_pretrained_backbone(random_variables(model),
                                                       tmp_path / "vgg.pth")
     # DeepLab-LargeFOV: 4096×7×7 -> 1024×3×3 by decimation; here 64 -> 16 channels (every 4th)
     # and taps 0, 3, 6 of the 7×7 window.
@@ -428,7 +422,7 @@ def test_vgg_classifier_folds_exactly_into_fcn_fc6_fc7(tmp_path):
     state = _tiny_vgg_state(base=4, fc=16)
     torch.save(state, tmp_path / "vgg.pth")
     model = models.create_model("fcn8s", num_classes=3, base_width=4, fc_channels=16)
-    variables = _random_variables(model)
+    variables = random_variables(model)
     loaded, report = weights.load_pretrained_backbone(variables, tmp_path / "vgg.pth")
     # The FCN engineer's own conversion of the same file is the reference.
     reference = torch_state_dict_to_variables(state, fcn.torchvision_fcn_key_map("vgg16"),

@@ -33,6 +33,7 @@ import numpy as np
 
 from flaxseg.models import (deeplabv1, deeplabv2, deeplabv3, deeplabv3plus, fcn, fcn_resnet,
                             pspnet, refinenet, segnet, unet)
+from flaxseg.models.layers import check_choice
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn32s": fcn.FCN32s,
@@ -61,9 +62,7 @@ def create_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
 
     ``kwargs`` go to the model's constructor (``backbone``, ``dtype``, width knobs, ...).
     """
-    if name not in _MODELS:
-        raise ValueError(
-            f"Unknown model {name!r}; available models: {', '.join(list_models())}.")
+    check_choice(name, list_models(), "model")
     constructor = _MODELS[name]
     module_class = getattr(constructor, "func", constructor)  # registry entries may be partials
     accepted = {field.name for field in dataclasses.fields(module_class)} - {"parent", "name"}

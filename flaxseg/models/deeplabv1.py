@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.resnet import check_output_stride
 from flaxseg.models.backbones.vgg import VGG16
 from flaxseg.models.heads import scale_atrous_rates
-from flaxseg.models.layers import Dtype, resize_bilinear
+from flaxseg.models.layers import (Dtype, check_at_least, check_choice, check_output_stride,
+                                   resize_bilinear)
 
 BACKBONES = ("vgg16", "vgg16_bn")
 
@@ -50,13 +50,9 @@ class DeepLabV1(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"Unknown backbone {self.backbone!r} for DeepLab v1; valid backbones: "
-                f"{', '.join(map(repr, BACKBONES))}.")
+        check_choice(self.backbone, BACKBONES, "backbone", "DeepLab v1")
         check_output_stride(self.output_stride)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_at_least("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact

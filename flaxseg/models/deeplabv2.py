@@ -24,11 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import (DILATED_BACKBONES, check_backbone,
-                                              make_dilated_backbone)
-from flaxseg.models.backbones.resnet import check_output_stride
+from flaxseg.models.backbones.dilated import DILATED_BACKBONES, make_dilated_backbone
 from flaxseg.models.heads import scale_atrous_rates
-from flaxseg.models.layers import Dtype, resize_bilinear, sow_aux_logits
+from flaxseg.models.layers import (Dtype, check_at_least, check_choice, check_output_stride,
+                                   resize_bilinear, sow_aux_logits)
 
 
 class ASPPL(nn.Module):
@@ -83,15 +82,14 @@ class DeepLabV2(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        check_backbone(self.backbone, DILATED_BACKBONES, "DeepLab v2")
+        check_choice(self.backbone, DILATED_BACKBONES, "backbone", "DeepLab v2")
         check_output_stride(self.output_stride)
         scales = tuple(self.input_scales)
         if not scales or scales[0] != 1.0 or any(not 0 < s <= 1 for s in scales):
             raise ValueError(
                 f"input_scales must start with 1.0 and hold factors in (0, 1], e.g. "
                 f"(1.0, 0.75, 0.5); got {scales!r}.")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_at_least("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact

@@ -26,12 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import (DILATED_BACKBONES, check_backbone,
-                                              default_multi_grid, make_dilated_backbone)
-from flaxseg.models.backbones.resnet import check_output_stride, torchvision_resnet_key_map
+from flaxseg.models.backbones.dilated import (DILATED_BACKBONES, default_multi_grid,
+                                              make_dilated_backbone)
+from flaxseg.models.backbones.resnet import torchvision_resnet_key_map
 from flaxseg.models.heads import (ASPP, FCNHead, conv_bn_key_map, scale_atrous_rates,
                                   torchvision_aspp_key_map, torchvision_fcn_head_key_map)
-from flaxseg.models.layers import ConvBNAct, Dtype, resize_bilinear, sow_aux_logits
+from flaxseg.models.layers import (ConvBNAct, Dtype, check_at_least, check_choice,
+                                   check_output_stride, resize_bilinear, sow_aux_logits)
 
 HEADS = ("paper", "torchvision")
 
@@ -65,15 +66,11 @@ class DeepLabV3(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        check_backbone(self.backbone, DILATED_BACKBONES, "DeepLab v3")
-        if self.head not in HEADS:
-            raise ValueError(
-                f"Unknown DeepLab v3 head {self.head!r}; valid heads: "
-                f"{', '.join(map(repr, HEADS))}.")
+        check_choice(self.backbone, DILATED_BACKBONES, "backbone", "DeepLab v3")
+        check_choice(self.head, HEADS, "DeepLab v3 head")
         if self.output_stride is not None:
             check_output_stride(self.output_stride)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_at_least("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact

@@ -20,12 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import (check_backbone, default_multi_grid,
-                                              make_dilated_backbone)
-from flaxseg.models.backbones.resnet import check_output_stride
+from flaxseg.models.backbones.dilated import default_multi_grid, make_dilated_backbone
 from flaxseg.models.backbones.xception import SeparableConv
 from flaxseg.models.heads import ASPP, scale_atrous_rates
-from flaxseg.models.layers import BN_EPSILON, ConvBNAct, Dtype, resize_bilinear
+from flaxseg.models.layers import (BN_EPSILON, ConvBNAct, Dtype, check_at_least, check_choice,
+                                   check_output_stride, resize_bilinear)
 
 BACKBONES = ("resnet50", "resnet101", "xception65")
 
@@ -61,10 +60,9 @@ class DeepLabV3Plus(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        check_backbone(self.backbone, BACKBONES, "DeepLab v3+")
+        check_choice(self.backbone, BACKBONES, "backbone", "DeepLab v3+")
         check_output_stride(self.output_stride)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_at_least("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact

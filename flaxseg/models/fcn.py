@@ -17,10 +17,10 @@ pool3, pool4 and score_fr cells sit at x = 8u − 95.5, 16u − 91.5 and 32u + 1
 offsets above; with ceil-mode pooling the cropped windows always fit, for every H, W (floor
 pooling, torchvision's default, would not). The transposed convs have no bias and start as
 bilinear interpolation; the paper learns the 2× ones, the released nets keep all of them fixed
-(lr_mult 0), which in flaxseg is the optimizer's choice (mask the ``upscore*`` kernels). The score layers (score_fr, score_pool4,
-score_pool3) start at zero like the reference (Caffe's default filler). We use the standard
-staged nets' unscaled skip scores, not the "at-once" variant that multiplies pool4/pool3 by
-0.01/0.0001 before scoring.
+(lr_mult 0), which in flaxseg is the optimizer's choice (mask the ``upscore*`` kernels). The
+score layers (score_fr, score_pool4, score_pool3) start at zero like the reference (Caffe's
+default filler). We use the standard staged nets' unscaled skip scores, not the "at-once"
+variant that multiplies pool4/pool3 by 0.01/0.0001 before scoring.
 
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import AlexNet, VGG16, torchvision_alexnet_key_map
 from flaxseg.models.backbones import torchvision_vgg16_key_map
-from flaxseg.models.layers import ConvTransposeUpsample, Dtype, crop_to
+from flaxseg.models.layers import (ConvTransposeUpsample, Dtype, check_at_least, check_choice,
+                                   check_one_of, crop_to)
 
 VGG_BACKBONES = ("vgg16", "vgg16_bn")
 BACKBONES = VGG_BACKBONES + ("alexnet",)
@@ -86,20 +87,15 @@ class FCN(nn.Module):
 
     def __post_init__(self):
         name = f"FCN-{self.prediction_stride}s"
-        if self.prediction_stride not in _FINAL_UPSAMPLING_NAME:
-            raise ValueError(
-                f"FCN prediction_stride must be 32, 16 or 8, got {self.prediction_stride}.")
-        if self.backbone not in BACKBONES:
-            valid = BACKBONES if self.prediction_stride == 32 else VGG_BACKBONES
-            raise ValueError(
-                f"Unknown backbone {self.backbone!r} for {name}; valid backbones: "
-                f"{', '.join(map(repr, valid))}.")
-        if (_backbone_family(self.backbone), self.prediction_stride) not in _FINAL_UPSAMPLING:
+        check_one_of("FCN prediction_stride", self.prediction_stride,
+                     tuple(_FINAL_UPSAMPLING_NAME))
+        valid = BACKBONES if self.prediction_stride == 32 else VGG_BACKBONES
+        if self.backbone in BACKBONES and self.backbone not in valid:
             raise ValueError(
                 f"Backbone {self.backbone!r} is only available for FCN-32s, not {name}; use one "
                 f"of {', '.join(map(repr, VGG_BACKBONES))}.")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_choice(self.backbone, valid, "backbone", name)
+        check_at_least("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact
@@ -149,9 +145,7 @@ def torchvision_fcn_key_map(backbone: str = "vgg16") -> dict[tuple[str, ...], st
     score and upsampling layers keep their FCN initialisation. Needs base_width 64 and
     fc_channels 4096.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"Unknown FCN backbone {backbone!r}; valid backbones: "
-                         f"{', '.join(map(repr, BACKBONES))}.")
+    check_choice(backbone, BACKBONES, "FCN backbone")
     if backbone == "alexnet":
         backbone_map, fc6, fc7 = torchvision_alexnet_key_map(), "classifier.1", "classifier.4"
     else:

@@ -14,10 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import RESNET_DEPTHS, check_backbone, make_dilated_backbone
-from flaxseg.models.backbones.resnet import check_output_stride, torchvision_resnet_key_map
+from flaxseg.models.backbones.dilated import RESNET_DEPTHS, make_dilated_backbone
+from flaxseg.models.backbones.resnet import torchvision_resnet_key_map
 from flaxseg.models.heads import FCNHead, torchvision_fcn_head_key_map
-from flaxseg.models.layers import Dtype, resize_bilinear, sow_aux_logits
+from flaxseg.models.layers import (Dtype, check_at_least, check_choice, check_output_stride,
+                                   resize_bilinear, sow_aux_logits)
 
 
 class FCNResNet(nn.Module):
@@ -40,10 +41,9 @@ class FCNResNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        check_backbone(self.backbone, tuple(RESNET_DEPTHS), "FCN-ResNet")
+        check_choice(self.backbone, tuple(RESNET_DEPTHS), "backbone", "FCN-ResNet")
         check_output_stride(self.output_stride)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_at_least("num_classes", self.num_classes)
         super().__post_init__()
 
     @nn.compact

@@ -1,4 +1,4 @@
-"""Building blocks shared by every flaxseg architecture.
+"""Building blocks shared by every flaxseg architecture, and the argument checks they share.
 
 All arrays are NHWC. Modules keep their parameters in ``param_dtype`` (float32) and compute in
 ``dtype`` (e.g. bfloat16 on accelerators); geometry (padding, strides, transposed-convolution
@@ -23,6 +23,46 @@ AUX_COLLECTION = "aux"
 # momentum is the weight of the *old* running value, hence 0.9).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+# Output strides every dilated backbone (and the models built on them) accepts.
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+# Argument checks shared by every model and backbone, so that a bad argument gives the same one
+# clear sentence everywhere: it names the value and, for a choice, lists the valid ones.
+
+def check_choice(value: Any, valid: Sequence[Any], what: str, owner: str | None = None) -> None:
+    """Refuse a name outside ``valid``, e.g. ``Unknown backbone 'vgg19' for SegNet; valid
+    backbones: 'vgg16_bn'.`` ``what`` may be qualified ("DeepLab v3 head"); its last word names
+    the list."""
+    if value not in valid:
+        where = f" for {owner}" if owner else ""
+        raise ValueError(f"Unknown {what} {value!r}{where}; valid {what.split()[-1]}s: "
+                         f"{', '.join(map(repr, valid))}.")
+
+
+def check_one_of(name: str, value: Any, valid: Sequence[Any]) -> None:
+    """Refuse a setting outside ``valid``, e.g. ``output_stride must be one of 8, 16, 32, got
+    4.``"""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}.")
+
+
+def check_output_stride(output_stride: int) -> None:
+    """The one error every dilated backbone and model gives for an unsupported output stride."""
+    check_one_of("output_stride", output_stride, OUTPUT_STRIDES)
+
+
+def check_at_least(name: str, value: int, minimum: int = 1) -> None:
+    """Refuse a count below ``minimum``, e.g. ``num_classes must be at least 1, got 0.``"""
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}.")
+
+
+def check_rate(name: str, value: float) -> None:
+    """Refuse a rate (dropout) outside [0, 1), e.g. ``dropout_rate must be in [0, 1), got 1.5.``"""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
 
 
 def he_normal_fan_out() -> Callable:

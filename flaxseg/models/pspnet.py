@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.resnet import ResNet, check_output_stride
-from flaxseg.models.layers import ConvBNAct, Dtype, resize_bilinear, sow_aux_logits
+from flaxseg.models.backbones.resnet import ResNet
+from flaxseg.models.layers import (ConvBNAct, Dtype, check_at_least, check_choice,
+                                   check_output_stride, resize_bilinear, sow_aux_logits)
 from flaxseg.models.pooling import adaptive_avg_pool
 
 BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -99,12 +100,8 @@ class PSPNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"Unknown backbone {self.backbone!r} for PSPNet; valid backbones: "
-                f"{', '.join(map(repr, BACKBONES))}.")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}.")
+        check_choice(self.backbone, tuple(BACKBONES), "backbone", "PSPNet")
+        check_at_least("num_classes", self.num_classes)
         check_output_stride(self.output_stride)
         if not self.bins or any(int(b) != b or b < 1 for b in self.bins):
             raise ValueError(f"bins must be positive integers, got {tuple(self.bins)!r}.")

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.backbones.resnet import ResNet
-from flaxseg.models.layers import Dtype, resize_bilinear
+from flaxseg.models.layers import Dtype, check_at_least, check_choice, resize_bilinear
 
 BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
 CRP_STAGES = 4
@@ -135,14 +135,9 @@ class RefineNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"Unknown backbone {self.backbone!r} for RefineNet; valid backbones: "
-                f"{', '.join(map(repr, BACKBONES))}.")
-        if self.num_classes < 1 or self.features < 1:
-            raise ValueError(
-                f"RefineNet needs num_classes >= 1 and features >= 1, got {self.num_classes} "
-                f"and {self.features}.")
+        check_choice(self.backbone, tuple(BACKBONES), "backbone", "RefineNet")
+        check_at_least("num_classes", self.num_classes)
+        check_at_least("features", self.features)
         super().__post_init__()
 
     @nn.compact

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import torchvision_vgg16_key_map
 from flaxseg.models.backbones.vgg import VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS
-from flaxseg.models.layers import BN_EPSILON, BN_MOMENTUM, ConvBNAct, Dtype, he_normal_fan_out
+from flaxseg.models.layers import (BN_EPSILON, BN_MOMENTUM, ConvBNAct, Dtype, check_at_least,
+                                   check_choice, check_rate, he_normal_fan_out)
 from flaxseg.models.pooling import max_pool_with_indices, max_unpool
 
 BACKBONES = ("vgg16_bn",)
@@ -99,16 +100,10 @@ class SegNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"Unknown backbone {self.backbone!r} for SegNet; valid backbones: "
-                f"{', '.join(map(repr, BACKBONES))}.")
-        if self.num_classes < 1 or self.base_width < 1:
-            raise ValueError(
-                f"SegNet needs num_classes >= 1 and base_width >= 1, got {self.num_classes} and "
-                f"{self.base_width}.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        check_choice(self.backbone, BACKBONES, "backbone", "SegNet")
+        check_at_least("num_classes", self.num_classes)
+        check_at_least("base_width", self.base_width)
+        check_rate("dropout_rate", self.dropout_rate)
         super().__post_init__()
 
     @nn.compact

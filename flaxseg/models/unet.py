@@ -36,7 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.backbones.resnet import ResNet
-from flaxseg.models.layers import ConvBNAct, ConvTransposeUpsample, Dtype, center_crop, max_pool
+from flaxseg.models.layers import (ConvBNAct, ConvTransposeUpsample, Dtype, center_crop,
+                                   check_at_least, check_choice, check_one_of, check_rate,
+                                   max_pool)
 
 PADDINGS = ("same", "valid")
 RESNET_BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -131,24 +133,15 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"Unknown backbone {self.backbone!r} for U-Net; valid backbones: "
-                f"{', '.join(map(repr, BACKBONES))}.")
-        if self.padding not in PADDINGS:
-            raise ValueError(
-                f"U-Net padding must be one of {', '.join(map(repr, PADDINGS))}, got "
-                f"{self.padding!r}.")
+        check_choice(self.backbone, BACKBONES, "backbone", "U-Net")
+        check_one_of("U-Net padding", self.padding, PADDINGS)
         if self.padding == "valid" and self.backbone != "unet":
             raise ValueError(
                 f"padding='valid' is the paper's unpadded network and needs backbone='unet', "
                 f"got {self.backbone!r}.")
-        if self.num_classes < 1 or self.base_channels < 1:
-            raise ValueError(
-                f"U-Net needs num_classes >= 1 and base_channels >= 1, got {self.num_classes} "
-                f"and {self.base_channels}.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        check_at_least("num_classes", self.num_classes)
+        check_at_least("base_channels", self.base_channels)
+        check_rate("dropout_rate", self.dropout_rate)
         super().__post_init__()
 
     @property

@@ -26,12 +26,16 @@ def checkpoint_dir(workdir) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
 
+def _miou(metrics) -> float:
+    return metrics["miou"]
+
+
 def create_manager(workdir, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     policy = checkpoint_managers.AnyPreservationPolicy(
         [
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics["miou"],
+                get_metric_fn=_miou,
                 n=1,
                 keep_checkpoints_without_metrics=False,
             ),
@@ -39,6 +43,10 @@ def create_manager(workdir, *, keep: int = 3, read_only: bool = False) -> ocp.Ch
     )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy,
+        # best_fn makes Orbax write each checkpoint's metrics to disk, so the best checkpoint is
+        # still known (and kept) after a restart; retention itself is the policy above.
+        best_fn=_miou,
+        best_mode="max",
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=False,

@@ -23,6 +23,10 @@ def quiet_library_logs() -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    # Checkpoints saved between evaluations carry no mIoU by design; Orbax warns about each one.
+    logging.get_absl_logger().addFilter(
+        lambda record: "did not provide metrics" not in record.getMessage()
+    )
 
 
 def run_or_exit(program: str, fn, *args, **kwargs):

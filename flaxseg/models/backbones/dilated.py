@@ -11,18 +11,10 @@ import flax.linen as nn
 
 from flaxseg.models.backbones.resnet import ResNet, resnet_channels
 from flaxseg.models.backbones.xception import Xception65, xception65_channels
+from flaxseg.models.layers import check_choice
 
 RESNET_DEPTHS = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
 DILATED_BACKBONES = tuple(RESNET_DEPTHS) + ("xception65",)
-
-
-def check_backbone(backbone: str, valid: tuple[str, ...] = DILATED_BACKBONES,
-                   model: str = "this model") -> None:
-    """One clear ValueError for a backbone name outside ``valid``."""
-    if backbone not in valid:
-        raise ValueError(
-            f"Unknown backbone {backbone!r} for {model}; valid backbones: "
-            f"{', '.join(map(repr, valid))}.")
 
 
 def make_dilated_backbone(backbone: str, *, output_stride: int, multi_grid: tuple[int, ...],
@@ -30,7 +22,7 @@ def make_dilated_backbone(backbone: str, *, output_stride: int, multi_grid: tupl
     """Build ``backbone`` (see ``DILATED_BACKBONES``); ``kwargs`` go to its constructor
     (``dtype``, ``param_dtype``, ``name``, ``deep_stem`` for ResNets, ``num_middle_units`` for
     Xception)."""
-    check_backbone(backbone)
+    check_choice(backbone, DILATED_BACKBONES, "backbone")
     if backbone == "xception65":
         return Xception65(output_stride=output_stride, multi_grid=tuple(multi_grid),
                           base_width=base_width, **kwargs)
@@ -40,7 +32,7 @@ def make_dilated_backbone(backbone: str, *, output_stride: int, multi_grid: tupl
 
 def dilated_backbone_channels(backbone: str, base_width: int = 64) -> dict[int, int]:
     """Channels of ``make_dilated_backbone(backbone)``'s features, keyed by nominal stride."""
-    check_backbone(backbone)
+    check_choice(backbone, DILATED_BACKBONES, "backbone")
     if backbone == "xception65":
         return xception65_channels(base_width)
     return resnet_channels(RESNET_DEPTHS[backbone], base_width)

@@ -29,10 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.layers import BN_EPSILON, BN_MOMENTUM, Dtype, he_normal_fan_out
+from flaxseg.models.layers import (BN_EPSILON, BN_MOMENTUM, Dtype, check_at_least, check_one_of,
+                                   check_output_stride, he_normal_fan_out)
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-OUTPUT_STRIDES = (8, 16, 32)
 EXPANSION = 4  # bottleneck output channels / 3×3 conv channels
 # Deep-stem convs as (torchvision-style index of the conv, channels at base_width 64, stride);
 # the BatchNorm of conv i is at i + 1 and its ReLU at i + 2, as in MMSegmentation's Sequential.
@@ -47,17 +47,7 @@ def resnet_channels(depth: int = 101, base_width: int = 64) -> dict[int, int]:
 
 
 def _check_depth(depth: int) -> None:
-    if depth not in STAGE_SIZES:
-        raise ValueError(
-            f"ResNet depth must be one of {', '.join(map(str, STAGE_SIZES))}, got {depth!r}.")
-
-
-def check_output_stride(output_stride: int) -> None:
-    """Raise the one ValueError every dilated backbone gives for an unsupported output stride."""
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(
-            f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
-            f"{output_stride!r}.")
+    check_one_of("ResNet depth", depth, tuple(STAGE_SIZES))
 
 
 def stage_plan(depth: int, output_stride: int,
@@ -136,8 +126,7 @@ class ResNet(nn.Module):
 
     def __post_init__(self):
         stage_plan(self.depth, self.output_stride, self.multi_grid)  # validates all three
-        if self.base_width < 1:
-            raise ValueError(f"base_width must be at least 1, got {self.base_width}.")
+        check_at_least("base_width", self.base_width)
         super().__post_init__()
 
     @property

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.layers import BN_EPSILON, BN_MOMENTUM, Dtype, he_normal_fan_out, max_pool
+from flaxseg.models.layers import (BN_EPSILON, BN_MOMENTUM, Dtype, check_output_stride,
+                                   he_normal_fan_out, max_pool)
 
 VGG16_BLOCK_DEPTHS = (2, 2, 3, 3, 3)
 VGG16_WIDTH_MULTIPLIERS = (1, 2, 4, 8, 8)
@@ -65,9 +66,7 @@ class VGG16(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(
-                f"output_stride must be one of 8, 16, 32, got {self.output_stride!r}.")
+        check_output_stride(self.output_stride)
         super().__post_init__()
 
     @property

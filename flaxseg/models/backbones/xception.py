@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.resnet import check_output_stride
-from flaxseg.models.layers import BN_MOMENTUM, Dtype, he_normal_fan_out
+from flaxseg.models.layers import (BN_MOMENTUM, Dtype, check_at_least, check_output_stride,
+                                   he_normal_fan_out)
 
 XCEPTION_BN_EPSILON = 1e-3
 # (channels of the three separable convs, stride) of the entry-flow units, the middle-flow unit
@@ -160,10 +160,8 @@ class Xception65(nn.Module):
             raise ValueError(
                 f"multi_grid must hold 3 positive integer rates (one per separable conv of the "
                 f"last exit-flow unit), got {tuple(self.multi_grid)!r}.")
-        if self.base_width < 1 or self.num_middle_units < 0:
-            raise ValueError(
-                f"base_width must be at least 1 and num_middle_units at least 0, got "
-                f"{self.base_width} and {self.num_middle_units}.")
+        check_at_least("base_width", self.base_width)
+        check_at_least("num_middle_units", self.num_middle_units, 0)
         super().__post_init__()
 
     @property
