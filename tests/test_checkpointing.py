@@ -8,11 +8,20 @@ from flaxseg.training import checkpointing
 
 
 def _save(manager, step, miou=None):
-    state = {"step": jnp.asarray(step), "params": {"w": jnp.full((2,), float(step))},
-             "batch_stats": {}, "opt_state": ()}
-    checkpointing.save(manager, step, state=state, data_state={"next_index": step * 4},
-                       meta={"model_spec": {"model": "fcn8s", "num_classes": 21}},
-                       metrics=None if miou is None else {"miou": miou})
+    state = {
+        "step": jnp.asarray(step),
+        "params": {"w": jnp.full((2,), float(step))},
+        "batch_stats": {},
+        "opt_state": (),
+    }
+    checkpointing.save(
+        manager,
+        step,
+        state=state,
+        data_state={"next_index": step * 4},
+        meta={"model_spec": {"model": "fcn8s", "num_classes": 21}},
+        metrics=None if miou is None else {"miou": miou},
+    )
 
 
 def test_keeps_the_last_k_and_the_best_by_miou(tmp_path):
@@ -45,14 +54,21 @@ def test_best_needs_a_checkpoint_with_metrics(tmp_path):
     manager = checkpointing.create_manager(tmp_path, keep=2)
     _save(manager, 1)
     manager.wait_until_finished()
-    with pytest.raises(ValueError, match="was saved with a validation mIoU; use --checkpoint=latest"):
+    with pytest.raises(
+        ValueError, match="was saved with a validation mIoU; use --checkpoint=latest"
+    ):
         checkpointing.resolve_step(manager, "best")
 
 
 def test_compute_dtype_is_not_part_of_the_architecture(tmp_path):
-    spec = {"model": "deeplabv3", "num_classes": 21, "backbone": "resnet50",
-            "model_kwargs": {"output_stride": 16}}
-    checkpointing.check_compatible(spec, {**spec, "model_kwargs": {"output_stride": 16,
-                                                                    "dtype": "bfloat16"}}, tmp_path)
+    spec = {
+        "model": "deeplabv3",
+        "num_classes": 21,
+        "backbone": "resnet50",
+        "model_kwargs": {"output_stride": 16},
+    }
+    checkpointing.check_compatible(
+        spec, {**spec, "model_kwargs": {"output_stride": 16, "dtype": "bfloat16"}}, tmp_path
+    )
     with pytest.raises(ValueError, match=r"backbone='resnet50' \(requested 'resnet101'\)"):
         checkpointing.check_compatible(spec, {**spec, "backbone": "resnet101"}, tmp_path)

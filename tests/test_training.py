@@ -62,10 +62,8 @@ def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
     assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
     assert 0.0 <= summary["miou"] <= 1.0 and summary["step"] == 40
     manager = checkpointing.create_manager(tmp_path, read_only=True)
-    assert (
-        manager.all_steps() == [6, 12, 18, 24, 30, 36, 40][-config.keep_checkpoints :]
-        or 40 in manager.all_steps()
-    )
+    # Saved every 6 steps and at the end; the last 3 are kept (the end is also the best).
+    assert sorted(manager.all_steps()) == [30, 36, 40]
     meta = checkpointing.read_meta(manager, 40)
     assert meta["model_spec"]["model"] == "fcn32s"
     assert meta["model_spec"]["model_kwargs"] == {"base_width": 8, "fc_channels": 32}
