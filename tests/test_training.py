@@ -248,7 +248,7 @@ def _tiny_resnet_torch_file(path, base_width):
     for flax_path, key in torchvision_resnet_key_map(50).items():
         value = np.asarray(flat[flax_path])
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
-        state[key] = torch.from_numpy(np.ascontiguousarray(value))
+        state[key] = torch.from_numpy(np.array(value))  # a writable copy
     torch.save(state, path)
     return flat
 

@@ -48,6 +48,7 @@ def create_manager(workdir, *, keep: int = 3, read_only: bool = False) -> ocp.Ch
         best_fn=_miou,
         best_mode="max",
         create=not read_only,
+        save_interval_steps=0 if read_only else 1,
         read_only=read_only,
         enable_async_checkpointing=False,
     )

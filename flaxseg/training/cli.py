@@ -23,9 +23,15 @@ def quiet_library_logs() -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    # Checkpoints saved between evaluations carry no mIoU by design; Orbax warns about each one.
+    # Orbax warns about two things flaxseg does on purpose: checkpoints saved between evaluations
+    # carry no mIoU, and eval.py opens the checkpoint directory read-only.
+    expected = (
+        "did not provide metrics",
+        "Given directory is read only",
+        "OpenCV is not installed",  # TFDS falls back to PIL, which flaxseg uses anyway
+    )
     logging.get_absl_logger().addFilter(
-        lambda record: "did not provide metrics" not in record.getMessage()
+        lambda record: not any(text in record.getMessage() for text in expected)
     )
 
 
