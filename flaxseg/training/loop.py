@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -408,8 +409,6 @@ def evaluate_workdir(
     step = checkpointing.resolve_step(manager, checkpoint)
     restored = checkpointing.restore(manager, step)
     meta = restored["meta"]
-    import ml_collections
-
     config = ml_collections.ConfigDict(meta["config"])
     if data_dir:
         config.data_dir = data_dir

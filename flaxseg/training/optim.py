@@ -1,6 +1,5 @@
 """Optimiser and learning-rate schedule: SGD with momentum, poly decay, decoupled-from-BN weight decay."""
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -37,7 +36,3 @@ def create_optimizer(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
