@@ -23,6 +23,8 @@ import shutil
 import socket
 import tarfile
 import urllib.parse
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -111,27 +113,55 @@ def synthetic_config(name: str = "synthetic", **synthetic_kwargs) -> VocConfig:
 # Reading and validating one example.
 
 
-def read_jpeg(path: Path) -> tuple[bytes, tuple[int, int]]:
-    """Returns the JPEG's bytes and its (height, width) after checking it decodes fully.
+def read_file_bytes(path, kind: str) -> bytes:
+    """The bytes of `path`, a `pathlib.Path` or a `zipfile.Path` (a member of a zip archive).
 
-    The original bytes are kept (no re-encoding loss) unless the file is not plain RGB
-    (grayscale or CMYK JPEGs exist in the wild): those are re-encoded as RGB so that every
-    decoder returns three channels.
+    `kind` names the file in messages, e.g. 'Image file'.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"Image file {path} does not exist.")
-    data = path.read_bytes()
+        raise FileNotFoundError(f"{kind} {path} does not exist.")
+    try:
+        return path.read_bytes()
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # e.g. a bad CRC
+        raise ValueError(f"{kind} {path} could not be read ({error}).") from error
+
+
+def read_image(path, encoding_format: str = "jpeg") -> tuple[bytes, tuple[int, int]]:
+    """Returns an image file's bytes and its (height, width) after checking it decodes fully.
+
+    The original bytes are kept (no re-encoding loss) unless the file is not plain RGB
+    (grayscale or CMYK JPEGs exist in the wild): those are re-encoded as RGB in
+    `encoding_format` ('jpeg' or 'png') so that every decoder returns three channels.
+    `path` is a `pathlib.Path` or a `zipfile.Path`.
+    """
+    data = read_file_bytes(path, "Image file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: truncated or garbled files fail here
             mode, size = image.mode, image.size
             if mode != "RGB":
                 buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="JPEG", quality=95)
+                options = {"quality": 95} if encoding_format == "jpeg" else {}
+                image.convert("RGB").save(buffer, format=encoding_format.upper(), **options)
                 data = buffer.getvalue()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Image file {path} is not a readable JPEG ({error}).") from error
+        raise ValueError(f"Image file {path} is not a readable {encoding_format.upper()} "
+                         f"({error}).") from error
     return data, (size[1], size[0])
+
+
+def read_index_png(path, kind: str = "Mask file") -> tuple[np.ndarray, str]:
+    """The pixel values of a label PNG as stored (palette indices for 'P', never colours),
+    and its PIL mode. `path` is a `pathlib.Path` or a `zipfile.Path`."""
+    data = read_file_bytes(path, kind)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            mode = image.mode
+            values = np.asarray(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{kind} {path} is not a readable PNG ({error}).") from error
+    return values, mode
 
 
 def read_voc_mask(path: Path) -> np.ndarray:
@@ -141,15 +171,7 @@ def read_voc_mask(path: Path) -> np.ndarray:
     of the 'P' image gives exactly those. Converting to RGB or 'L' first would return
     colours or luminance instead, so neither is done. Mode 'L' files are taken as indices.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"Mask file {path} does not exist.")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            mask = np.asarray(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Mask file {path} is not a readable PNG ({error}).") from error
+    mask, mode = read_index_png(path)
     if mode not in ("P", "L"):
         raise ValueError(f"Mask file {path} has PIL mode {mode!r}; expected a palette ('P') "
                          "PNG of class indices as in VOC SegmentationClass.")
@@ -190,10 +212,17 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_example(image_path: Path, mask_path: Path) -> dict:
-    """The feature dict for one (JPEG, mask) pair; the mask is a VOC PNG or an SBD .mat."""
-    image_bytes, image_size = read_jpeg(image_path)
-    mask = read_sbd_mask(mask_path) if mask_path.suffix == ".mat" else read_voc_mask(mask_path)
+def make_example(image_path: Path, mask_path: Path, *, read_mask=None,
+                 image_format: str = "jpeg") -> dict:
+    """The feature dict for one (image, mask) pair.
+
+    `read_mask(mask_path)` returns the final uint8 [H, W] label map; by default the mask is a
+    VOC PNG or an SBD .mat. `image_format` is the image feature's encoding ('jpeg', 'png').
+    """
+    image_bytes, image_size = read_image(image_path, image_format)
+    if read_mask is None:
+        read_mask = read_sbd_mask if mask_path.suffix == ".mat" else read_voc_mask
+    mask = read_mask(mask_path)
     if mask.shape != image_size:
         raise ValueError(
             f"Mask file {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
@@ -252,7 +281,7 @@ def train_aug_pairs(voc_root: Path, sbd_root: Path) -> list[tuple[Path, Path]]:
 # Finding the upstream data: manual_dir first, then the download.
 
 
-def _configured_manual_dir(dl_manager) -> Path:
+def configured_manual_dir(dl_manager) -> Path:
     """The manual directory TFDS was given (whether or not it exists), for messages."""
     # `dl_manager.manual_dir` raises when the folder is missing or empty, and TFDS has no
     # public accessor for the configured path; the private attribute is read only for
@@ -261,7 +290,7 @@ def _configured_manual_dir(dl_manager) -> Path:
     return Path(os.fspath(configured or Path(dl_manager.download_dir) / "manual"))
 
 
-def _existing_manual_dir(dl_manager) -> Path | None:
+def existing_manual_dir(dl_manager) -> Path | None:
     """The manual directory if it exists and is not empty, else None."""
     try:
         return Path(os.fspath(dl_manager.manual_dir))
@@ -318,7 +347,7 @@ def locate_source(dl_manager, source: _Source) -> Path:
     the download directory, manual_dir is never written), then the official download.
     """
     extract_root = Path(os.fspath(dl_manager.download_dir)) / "extracted"
-    manual_dir = _existing_manual_dir(dl_manager)
+    manual_dir = existing_manual_dir(dl_manager)
     if manual_dir is not None:
         if (manual_dir / source.folder).is_dir():
             return manual_dir
@@ -329,7 +358,7 @@ def locate_source(dl_manager, source: _Source) -> Path:
         _check_reachable(source.url)
         archive = Path(os.fspath(dl_manager.download(source.url)))
     except (OSError, tfds.download.DownloadError) as error:
-        expected = _configured_manual_dir(dl_manager)
+        expected = configured_manual_dir(dl_manager)
         raise FileNotFoundError(
             f"{source.title} was not found and could not be downloaded from {source.url} "
             f"({error}); put the archive at {expected / source.archive} or extract it so "
@@ -339,6 +368,19 @@ def locate_source(dl_manager, source: _Source) -> Path:
 
 # ---------------------------------------------------------------------------------------
 # The builder.
+
+
+def segmentation_features(image_format: str) -> tfds.features.FeaturesDict:
+    """The features of every flaxseg segmentation builder: `image` uint8 [H, W, 3] stored as
+    `image_format` ('jpeg' or 'png'), `segmentation_mask` uint8 [H, W, 1] (a grayscale PNG of
+    the class indices, 255 = ignore), `file_name` (the image file's name)."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
+                                     encoding_format=image_format),
+        "segmentation_mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                                 encoding_format="png"),
+        "file_name": tfds.features.Text(),
+    })
 
 
 class VocSegmentation(tfds.core.GeneratorBasedBuilder):
@@ -361,14 +403,7 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
-                                             encoding_format="jpeg"),
-                "segmentation_mask": tfds.features.Image(shape=(None, None, 1),
-                                                         dtype=np.uint8,
-                                                         encoding_format="png"),
-                "file_name": tfds.features.Text(),
-            }),
+            features=segmentation_features("jpeg"),
             supervised_keys=("image", "segmentation_mask"),
             homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
         )
