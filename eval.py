@@ -5,7 +5,7 @@ python eval.py --workdir=/tmp/fcn8s [--split=validation] [--checkpoint=latest|be
 
 from absl import app, flags
 
-from flaxseg.training import cli, loop
+from flaxseg.training import cli, evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -25,7 +25,7 @@ def main(argv):
     cli.quiet_library_logs()
     summary = cli.run_or_exit(
         "eval.py",
-        loop.evaluate_workdir,
+        evaluation.evaluate_workdir,
         FLAGS.workdir,
         split=FLAGS.split,
         checkpoint=FLAGS.checkpoint,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flaxseg import models  # noqa: E402
-from flaxseg.training import optim, steps  # noqa: E402
+from flaxseg.training import losses, optim, steps  # noqa: E402
 from flaxseg.training import state as state_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,7 +60,14 @@ def benchmark(name, *, size, batch_size, dtype, steps_to_time, tiny):
         "image": jnp.asarray(rng.normal(size=(batch_size, size, size, 3)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 21, (batch_size, size, size)), jnp.int32),
     }
-    train = jax.jit(functools.partial(steps.train_step, ignore_label=255), donate_argnums=0)
+    train = jax.jit(
+        functools.partial(
+            steps.train_step,
+            loss_fn=losses.build_loss("cross_entropy", num_classes=21),
+            ignore_label=255,
+        ),
+        donate_argnums=0,
+    )
     evaluate = jax.jit(functools.partial(steps.eval_step, num_classes=21, ignore_label=255))
 
     key = jax.random.key(1)
@@ -92,7 +99,8 @@ def main(argv):
         f"{', tiny widths' if FLAGS.tiny else ''}"
     )
     print(
-        f"| {'model':<14} | {'params':>12} | {'train img/s':>11} | {'ms/step':>8} | {'eval img/s':>10} |"
+        f"| {'model':<14} | {'params':>12} | {'train img/s':>11} | {'ms/step':>8} "
+        f"| {'eval img/s':>10} |"
     )
     print(f"|{'-' * 16}|{'-' * 14}|{'-' * 13}|{'-' * 10}|{'-' * 12}|")
     rows = []

@@ -24,7 +24,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxseg import weights  # noqa: E402
-from flaxseg.training import optim, steps  # noqa: E402
+from flaxseg.training import losses, optim, steps  # noqa: E402
 from flaxseg.training import state as state_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -95,7 +95,13 @@ def main(argv):
         batch_stats=variables.get("batch_stats", {}),
     )
     train = jax.jit(
-        functools.partial(steps.train_step, ignore_label=255, aux_loss_weight=0.5), donate_argnums=0
+        functools.partial(
+            steps.train_step,
+            loss_fn=losses.build_loss("cross_entropy", num_classes=21),
+            ignore_label=255,
+            aux_loss_weight=0.5,
+        ),
+        donate_argnums=0,
     )
     evaluate = jax.jit(
         lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False)
@@ -132,7 +138,8 @@ def main(argv):
     print(f"|{'-' * 26}|{'-' * 13}|{'-' * 12}|")
     for name, train_s, eval_s in rows:
         print(
-            f"| {name:<24} | {FLAGS.batch_size / train_s:>11.2f} | {FLAGS.batch_size / eval_s:>10.2f} |"
+            f"| {name:<24} | {FLAGS.batch_size / train_s:>11.2f} "
+            f"| {FLAGS.batch_size / eval_s:>10.2f} |"
         )
 
 

@@ -1,7 +1,8 @@
 """Segmentation metrics as pure array functions.
 
-The confusion matrix is the one quantity accumulated during evaluation: it is summed over batches and
-devices (sums commute), and IoU / accuracy are computed once from the total at the end. Rows index the
+The confusion matrix is the one quantity accumulated during evaluation: it is summed over batches
+and devices (sums commute), and IoU / accuracy are computed once from the total at the end. Rows
+index the
 ground-truth class, columns the predicted class. Pixels labelled `ignore_label` (255, VOC's void
 boundary) are never counted.
 """
@@ -30,7 +31,8 @@ def confusion_matrix(labels, predictions, num_classes: int, ignore_label: int = 
 
 
 def per_class_iou(confusion) -> np.ndarray:
-    """IoU of each class, tp / (tp + fp + fn); NaN for a class absent from labels and predictions."""
+    """IoU of each class, tp / (tp + fp + fn); NaN for a class absent from labels and
+    predictions."""
     confusion = np.asarray(confusion, dtype=np.float64)
     true_positive = np.diag(confusion)
     union = confusion.sum(axis=0) + confusion.sum(axis=1) - true_positive

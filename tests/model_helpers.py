@@ -39,13 +39,20 @@ def check_train_mode(model, variables, images, num_classes):
     """Apply ``model`` with ``train=True`` under two dropout seeds and check the train-mode
     contract: float32 logits at the input size, dropout that follows the rng, every BatchNorm
     statistic updated. Returns the first run's logits and updated collections."""
-    train_apply = jax.jit(lambda seed: model.apply(
-        variables, images, train=True, mutable=["batch_stats", "aux"],
-        rngs={"dropout": jax.random.key(seed)}))
+    train_apply = jax.jit(
+        lambda seed: model.apply(
+            variables,
+            images,
+            train=True,
+            mutable=["batch_stats", "aux"],
+            rngs={"dropout": jax.random.key(seed)},
+        )
+    )
     (first, updates), (second, _) = train_apply(1), train_apply(2)
     assert first.shape == (*images.shape[:3], num_classes) and first.dtype == jnp.float32
     assert not np.allclose(first, second)  # the dropout rng matters
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
-                           updates["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
+    )
     assert all(jax.tree.leaves(changed))
     return first, updates

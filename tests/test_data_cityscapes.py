@@ -18,16 +18,37 @@ from flaxseg import data
 from flaxseg.data import cityscapes
 
 SHAPE = (24, 40)  # H, W
-TRAIN = {"aachen": ("aachen_000000_000019", "aachen_000001_000019"),
-         "bochum": ("bochum_000000_000313",)}
+TRAIN = {
+    "aachen": ("aachen_000000_000019", "aachen_000001_000019"),
+    "bochum": ("bochum_000000_000313",),
+}
 VAL = {"frankfurt": ("frankfurt_000000_000294",), "lindau": ("lindau_000000_000019",)}
 TEST = {"berlin": ("berlin_000000_000019",)}  # images only (no fine labels): never built
 SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
 
 # The official labelId → trainId table (cityscapesScripts helpers/labels.py), written out
 # here rather than taken from the module under test. Every other id is ignored (255).
-OFFICIAL_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-                      23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+OFFICIAL_TRAIN_IDS = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 # Ids in the fake label maps: evaluated classes (7, 26, 33, ...) and ignored ones (0, 1, 6, 9).
 LABEL_IDS = (0, 7, 26, 33, 1, 6, 8, 9, 11, 24, 31)
 
@@ -43,8 +64,9 @@ def _image(stem: str) -> np.ndarray:
 def _label_ids(stem: str, shape=SHAPE) -> np.ndarray:
     """A label-id map holding every id of LABEL_IDS, laid out differently per file."""
     rows, columns = np.arange(shape[0])[:, None], np.arange(shape[1])
-    return np.asarray(LABEL_IDS, dtype=np.uint8)[(columns + rows // 3 + _seed(stem))
-                                                  % len(LABEL_IDS)]
+    return np.asarray(LABEL_IDS, dtype=np.uint8)[
+        (columns + rows // 3 + _seed(stem)) % len(LABEL_IDS)
+    ]
 
 
 def _train_ids(stem: str) -> np.ndarray:
@@ -75,7 +97,8 @@ def cityscapes_files() -> dict:
                 labels[prefix + "color.png"] = _png(np.stack([label_ids * 7] * 3, axis=-1))
                 labels[prefix + "instanceIds.png"] = _png(label_ids.astype(np.uint16) * 1000)
                 labels[prefix + "polygons.json"] = json.dumps(
-                    {"imgHeight": SHAPE[0], "imgWidth": SHAPE[1], "objects": []}).encode()
+                    {"imgHeight": SHAPE[0], "imgWidth": SHAPE[1], "objects": []}
+                ).encode()
     return {"images": images, "labels": labels}
 
 
@@ -91,8 +114,11 @@ def _write_zip(path, files: dict, directory_entries: bool = False):
     writes them), else the folders are only implied by the file names."""
     with zipfile.ZipFile(path, "w") as archive:
         if directory_entries:
-            folders = {name.rsplit("/", depth)[0] + "/" for name in files
-                       for depth in range(1, name.count("/") + 1)}
+            folders = {
+                name.rsplit("/", depth)[0] + "/"
+                for name in files
+                for depth in range(1, name.count("/") + 1)
+            }
             for folder in sorted(folders):
                 archive.writestr(folder, b"")
         for name, contents in files.items():
@@ -107,8 +133,10 @@ def make_manual_dir(tmp_path, images: str = "zip", labels: str = "zip", edit=Non
     files = cityscapes_files()
     if edit is not None:
         edit(files)
-    for form, key, archive in ((images, "images", cityscapes.IMAGE_ARCHIVE),
-                               (labels, "labels", cityscapes.LABEL_ARCHIVE)):
+    for form, key, archive in (
+        (images, "images", cityscapes.IMAGE_ARCHIVE),
+        (labels, "labels", cityscapes.LABEL_ARCHIVE),
+    ):
         if form == "zip":  # both kinds of zip: with and without folder entries
             _write_zip(manual / archive, files[key], directory_entries=key == "images")
         elif form == "folder":
@@ -122,8 +150,9 @@ def _snapshot(folder):
 
 
 def _build(tmp_path, manual, split="train"):
-    return data.get_data_source("cityscapes", split, data_dir=str(tmp_path / "tfds"),
-                                manual_dir=str(manual))
+    return data.get_data_source(
+        "cityscapes", split, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)
+    )
 
 
 def test_label_id_table_is_the_official_one():
@@ -132,8 +161,7 @@ def test_label_id_table_is_the_official_one():
         assert cityscapes.LABEL_ID_TO_TRAIN_ID[label_id] == expected, label_id
 
 
-@pytest.mark.parametrize("images,labels", [("zip", "zip"), ("folder", "folder"),
-                                           ("zip", "folder")])
+@pytest.mark.parametrize("images,labels", [("zip", "zip"), ("folder", "folder"), ("zip", "folder")])
 def test_build_gives_lossless_images_and_train_ids(tmp_path, images, labels):
     manual = make_manual_dir(tmp_path, images, labels)
     before = _snapshot(manual)
@@ -158,8 +186,9 @@ def test_build_gives_lossless_images_and_train_ids(tmp_path, images, labels):
             mask = example["segmentation_mask"]
             assert mask.dtype == np.uint8 and mask.shape == (*SHAPE, 1)
             np.testing.assert_array_equal(mask[..., 0], _train_ids(stem))
-    all_masks = np.concatenate([sources["train"][i]["segmentation_mask"].ravel()
-                                for i in range(len(sources["train"]))])
+    all_masks = np.concatenate(
+        [sources["train"][i]["segmentation_mask"].ravel() for i in range(len(sources["train"]))]
+    )
     assert set(np.unique(all_masks)) == {0, 1, 2, 11, 13, 16, 18, 255}
 
 
@@ -186,20 +215,27 @@ def test_label_id_outside_cityscapes_ids_is_named(tmp_path):
         label_ids = _label_ids("bochum_000000_000313")
         label_ids[5, 7] = 40
         files["labels"][name] = _png(label_ids)
+
     manual = make_manual_dir(tmp_path, edit=add_40)
-    with pytest.raises(ValueError, match=r"gtFine_trainvaltest\.zip/gtFine/train/bochum/"
-                                         r"bochum_000000_000313_gtFine_labelIds\.png contains "
-                                         r"label id 40"):
+    with pytest.raises(
+        ValueError,
+        match=r"gtFine_trainvaltest\.zip/gtFine/train/bochum/"
+        r"bochum_000000_000313_gtFine_labelIds\.png contains "
+        r"label id 40",
+    ):
         _build(tmp_path, manual)
 
 
 def test_image_without_label_file_is_named(tmp_path):
     def drop_label(files):
         del files["labels"]["gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png"]
+
     manual = make_manual_dir(tmp_path, "folder", "folder", edit=drop_label)
     expected = manual / "gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png"
-    with pytest.raises(FileNotFoundError, match=f"Label file {expected} for image .*"
-                                                "lindau_000000_000019_leftImg8bit.png"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"Label file {expected} for image .*lindau_000000_000019_leftImg8bit.png",
+    ):
         _build(tmp_path, manual)
 
 
@@ -207,10 +243,15 @@ def test_image_and_label_size_mismatch_is_named(tmp_path):
     def shrink_label(files):
         stem = "aachen_000001_000019"
         files["labels"][f"gtFine/train/aachen/{stem}_gtFine_labelIds.png"] = _png(
-            _label_ids(stem, (24, 39)))
+            _label_ids(stem, (24, 39))
+        )
+
     manual = make_manual_dir(tmp_path, "folder", "folder", edit=shrink_label)
-    with pytest.raises(ValueError, match=r"aachen_000001_000019_gtFine_labelIds\.png is 39x24.*"
-                                         r"aachen_000001_000019_leftImg8bit\.png is 40x24"):
+    with pytest.raises(
+        ValueError,
+        match=r"aachen_000001_000019_gtFine_labelIds\.png is 39x24.*"
+        r"aachen_000001_000019_leftImg8bit\.png is 40x24",
+    ):
         _build(tmp_path, manual)
 
 
@@ -218,17 +259,22 @@ def test_unreadable_image_is_named(tmp_path):
     def truncate(files):
         name = "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
         files["images"][name] = files["images"][name][:100]
+
     manual = make_manual_dir(tmp_path, edit=truncate)
-    with pytest.raises(ValueError, match=r"aachen_000000_000019_leftImg8bit\.png is not a "
-                                         r"readable PNG"):
+    with pytest.raises(
+        ValueError,
+        match=r"aachen_000000_000019_leftImg8bit\.png is not a "
+        r"readable PNG",
+    ):
         _build(tmp_path, manual)
 
 
 def test_corrupt_or_foreign_zip_is_named(tmp_path):
     manual = make_manual_dir(tmp_path)
     (manual / cityscapes.IMAGE_ARCHIVE).write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ValueError, match=f"{manual / cityscapes.IMAGE_ARCHIVE} is not a "
-                                         "readable zip file"):
+    with pytest.raises(
+        ValueError, match=f"{manual / cityscapes.IMAGE_ARCHIVE} is not a readable zip file"
+    ):
         _build(tmp_path, manual)
 
     # A member whose bytes were damaged after zipping: the CRC check names it.

@@ -12,15 +12,16 @@ from flaxseg.data import pipeline
 
 
 def _normalised(image):
-    return (image.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(
-        IMAGENET_STD)
+    return (image.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
 
 
 def _example(index: int, height: int, width: int) -> dict:
     """An example whose label is index + 1 everywhere (so a crop tells where it came from)."""
     rng = np.random.default_rng(index)
-    return {"image": rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8),
-            "segmentation_mask": np.full((height, width, 1), index + 1, dtype=np.uint8)}
+    return {
+        "image": rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8),
+        "segmentation_mask": np.full((height, width, 1), index + 1, dtype=np.uint8),
+    }
 
 
 def _source(count: int = 8, size: int = 24) -> list:
@@ -43,8 +44,13 @@ def _ids(batch) -> list[int]:
 def test_small_image_is_padded_with_mean_colour_and_ignore_label():
     example = _example(3, 10, 13)
     image, label = pipeline.train_transform(
-        example["image"], example["segmentation_mask"], np.random.default_rng(0),
-        crop_size=32, min_scale=1.0, max_scale=1.0)
+        example["image"],
+        example["segmentation_mask"],
+        np.random.default_rng(0),
+        crop_size=32,
+        min_scale=1.0,
+        max_scale=1.0,
+    )
     assert image.shape == (32, 32, 3) and image.dtype == np.float32
     assert label.shape == (32, 32) and label.dtype == np.int32
     padded = label == IGNORE_LABEL
@@ -64,11 +70,16 @@ def test_flip_happens_about_half_the_time_and_mirrors_image_and_label():
     flips = 0
     for seed in range(40):
         image, label = pipeline.train_transform(
-            example["image"], example["segmentation_mask"], np.random.default_rng(seed),
-            crop_size=16, min_scale=1.0, max_scale=1.0)
+            example["image"],
+            example["segmentation_mask"],
+            np.random.default_rng(seed),
+            crop_size=16,
+            min_scale=1.0,
+            max_scale=1.0,
+        )
         flipped = bool(label[0, -1] == 7)
         expected_image = original[:, ::-1] if flipped else original
-        expected_label = example["segmentation_mask"][..., 0][:, ::-1 if flipped else 1]
+        expected_label = example["segmentation_mask"][..., 0][:, :: -1 if flipped else 1]
         np.testing.assert_allclose(image, expected_image, atol=1e-6)
         np.testing.assert_array_equal(label, expected_label)
         flips += flipped
@@ -78,15 +89,21 @@ def test_flip_happens_about_half_the_time_and_mirrors_image_and_label():
 def test_scaling_resizes_labels_by_nearest_neighbour():
     mask = np.arange(64, dtype=np.uint8).reshape(8, 8) % 21
     image = np.zeros((8, 8, 3), dtype=np.uint8)
-    _, label = pipeline.train_transform(image, mask, np.random.default_rng(1), crop_size=16,
-                                        min_scale=2.0, max_scale=2.0)
+    _, label = pipeline.train_transform(
+        image, mask, np.random.default_rng(1), crop_size=16, min_scale=2.0, max_scale=2.0
+    )
     upscaled = np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1)
     assert np.array_equal(label, upscaled) or np.array_equal(label, upscaled[:, ::-1])
     # Half size: a 10x10 image in a 16 crop, the rest ignore; values stay real labels.
     big = np.tile(mask, (3, 3))[:20, :20]
-    _, label = pipeline.train_transform(np.zeros((20, 20, 3), np.uint8), big,
-                                        np.random.default_rng(2), crop_size=16,
-                                        min_scale=0.5, max_scale=0.5)
+    _, label = pipeline.train_transform(
+        np.zeros((20, 20, 3), np.uint8),
+        big,
+        np.random.default_rng(2),
+        crop_size=16,
+        min_scale=0.5,
+        max_scale=0.5,
+    )
     assert (label != IGNORE_LABEL).sum() == 100
     assert set(np.unique(label).tolist()) <= set(np.unique(big).tolist()) | {IGNORE_LABEL}
 
@@ -96,8 +113,13 @@ def test_random_scales_stay_in_range():
     real_pixels = []
     for seed in range(30):
         _, label = pipeline.train_transform(
-            example["image"], example["segmentation_mask"], np.random.default_rng(seed),
-            crop_size=100, min_scale=0.5, max_scale=2.0)
+            example["image"],
+            example["segmentation_mask"],
+            np.random.default_rng(seed),
+            crop_size=100,
+            min_scale=0.5,
+            max_scale=2.0,
+        )
         real_pixels.append(int((label != IGNORE_LABEL).sum()))
     # The scaled image (20..80 px a side) fits in the 100 crop: its area is all real pixels.
     assert min(real_pixels) >= 20 * 20 and max(real_pixels) <= 80 * 80
@@ -135,8 +157,10 @@ def test_every_epoch_is_a_new_permutation_of_the_shard():
         assert sorted(epoch) == list(range(8))
     assert len({tuple(e) for e in epochs}) == 3
     # Two hosts split the examples between them.
-    halves = [set(_ids(next(_train_iterator(source, seed=1, batch_size=4, shard_index=i,
-                                            shard_count=2)))) for i in range(2)]
+    halves = [
+        set(_ids(next(_train_iterator(source, seed=1, batch_size=4, shard_index=i, shard_count=2))))
+        for i in range(2)
+    ]
     assert halves[0].isdisjoint(halves[1]) and halves[0] | halves[1] == set(range(8))
 
 
@@ -181,8 +205,9 @@ def _eval_source():
 
 def test_eval_batches_are_bucketed_padded_and_see_every_image_once():
     source = _eval_source()
-    batches = list(data.create_eval_iterator(source, batch_size=2, bucket_multiple=32,
-                                             num_threads=2))
+    batches = list(
+        data.create_eval_iterator(source, batch_size=2, bucket_multiple=32, num_threads=2)
+    )
     # Buckets: 32x32 holds 4 images (2 batches), 64x64 holds 2 (1 batch), 32x64 holds 1
     # (1 batch with a dummy).
     shapes = [batch["image"].shape[1:3] for batch in batches]
@@ -202,16 +227,21 @@ def test_eval_batches_are_bucketed_padded_and_see_every_image_once():
             seen.append(index)
             height, width = EVAL_SIZES[index]
             assert real.sum() == height * width and real[:height, :width].all()
-            np.testing.assert_allclose(image[:height, :width],
-                                       _normalised(source[index]["image"]), atol=1e-6)
+            np.testing.assert_allclose(
+                image[:height, :width], _normalised(source[index]["image"]), atol=1e-6
+            )
             assert np.all(image[~real] == 0.0)
     assert sorted(seen) == list(range(len(EVAL_SIZES))) and dummies == 1
 
 
 def test_eval_shards_run_the_same_shapes_and_split_the_images():
     sizes = [(h, w) for h, w in EVAL_SIZES]
-    plans = [pipeline.eval_batch_plan(sizes, batch_size=2, bucket_multiple=32,
-                                      shard_index=i, shard_count=2) for i in range(2)]
+    plans = [
+        pipeline.eval_batch_plan(
+            sizes, batch_size=2, bucket_multiple=32, shard_index=i, shard_count=2
+        )
+        for i in range(2)
+    ]
     assert [shape for shape, _ in plans[0]] == [shape for shape, _ in plans[1]]
     indices = [i for plan in plans for _, chunk in plan for i in chunk if i is not None]
     assert sorted(indices) == list(range(len(EVAL_SIZES)))
@@ -219,9 +249,11 @@ def test_eval_shards_run_the_same_shapes_and_split_the_images():
 
 
 def test_image_sizes_reads_tfds_sources_without_decoding(tmp_path):
-    builder = tfds.builder("voc_segmentation", data_dir=str(tmp_path),
-                           config=data.synthetic_config("tiny", num_train=6, num_val=3,
-                                                        min_size=33, max_size=70))
+    builder = tfds.builder(
+        "voc_segmentation",
+        data_dir=str(tmp_path),
+        config=data.synthetic_config("tiny", num_train=6, num_val=3, min_size=33, max_size=70),
+    )
     builder.download_and_prepare(file_format="array_record")
     source = builder.as_data_source(split="validation")
     assert data.image_sizes(source) == [source[i]["image"].shape[:2] for i in range(3)]
@@ -234,6 +266,11 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="shard_index"):
         _train_iterator(_source(), shard_index=2, shard_count=2)
     with pytest.raises(ValueError, match="min_scale"):
-        pipeline.train_transform(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8),
-                                 np.random.default_rng(0), crop_size=4, min_scale=2.0,
-                                 max_scale=1.0)
+        pipeline.train_transform(
+            np.zeros((4, 4, 3), np.uint8),
+            np.zeros((4, 4), np.uint8),
+            np.random.default_rng(0),
+            crop_size=4,
+            min_scale=2.0,
+            max_scale=1.0,
+        )

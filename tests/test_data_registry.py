@@ -11,13 +11,25 @@ from flaxseg.constants import VOC_CLASSES
 
 # Official Cityscapes names and colours by train id (cityscapesScripts helpers/labels.py).
 CITYSCAPES = (
-    ("road", (128, 64, 128)), ("sidewalk", (244, 35, 232)), ("building", (70, 70, 70)),
-    ("wall", (102, 102, 156)), ("fence", (190, 153, 153)), ("pole", (153, 153, 153)),
-    ("traffic light", (250, 170, 30)), ("traffic sign", (220, 220, 0)),
-    ("vegetation", (107, 142, 35)), ("terrain", (152, 251, 152)), ("sky", (70, 130, 180)),
-    ("person", (220, 20, 60)), ("rider", (255, 0, 0)), ("car", (0, 0, 142)),
-    ("truck", (0, 0, 70)), ("bus", (0, 60, 100)), ("train", (0, 80, 100)),
-    ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32)),
+    ("road", (128, 64, 128)),
+    ("sidewalk", (244, 35, 232)),
+    ("building", (70, 70, 70)),
+    ("wall", (102, 102, 156)),
+    ("fence", (190, 153, 153)),
+    ("pole", (153, 153, 153)),
+    ("traffic light", (250, 170, 30)),
+    ("traffic sign", (220, 220, 0)),
+    ("vegetation", (107, 142, 35)),
+    ("terrain", (152, 251, 152)),
+    ("sky", (70, 130, 180)),
+    ("person", (220, 20, 60)),
+    ("rider", (255, 0, 0)),
+    ("car", (0, 0, 142)),
+    ("truck", (0, 0, 70)),
+    ("bus", (0, 60, 100)),
+    ("train", (0, 80, 100)),
+    ("motorcycle", (0, 0, 230)),
+    ("bicycle", (119, 11, 32)),
 )
 
 
@@ -33,7 +45,7 @@ def test_every_row_is_consistent_and_has_a_builder(tmp_path, name):
     assert info.num_classes == len(info.class_names) == len(set(info.class_names))
     colours = np.asarray(info.colormap())
     assert colours.dtype == np.uint8 and colours.shape == (256, 3)
-    assert len({tuple(colour) for colour in colours[:info.num_classes]}) == info.num_classes
+    assert len({tuple(colour) for colour in colours[: info.num_classes]}) == info.num_classes
 
     builder = data.get_builder(name, data_dir=str(tmp_path))
     assert (builder.name, builder.builder_config.name) == (info.builder, info.config)
@@ -46,10 +58,16 @@ def test_voc_rows():
     for name in ("voc2012", "voc2012_aug", "synthetic"):
         info = data.dataset_info(name)
         assert (info.builder, info.num_classes, info.class_names) == (
-            "voc_segmentation", 21, VOC_CLASSES)
+            "voc_segmentation",
+            21,
+            VOC_CLASSES,
+        )
         np.testing.assert_array_equal(info.colormap(), data.voc_colormap())
-    assert [data.dataset_info(name).config for name in ("voc2012", "voc2012_aug", "synthetic")
-            ] == ["2012", "2012_aug", "synthetic"]
+    assert [data.dataset_info(name).config for name in ("voc2012", "voc2012_aug", "synthetic")] == [
+        "2012",
+        "2012_aug",
+        "synthetic",
+    ]
 
 
 def test_cityscapes_row_has_the_official_classes_and_colours():

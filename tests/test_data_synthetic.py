@@ -19,13 +19,18 @@ def small_voc(tmp_path_factory):
 
 
 def _files(voc_root):
-    return {str(p.relative_to(voc_root)): p.read_bytes()
-            for p in sorted(voc_root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(voc_root)): p.read_bytes()
+        for p in sorted(voc_root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _masks(voc_root):
-    return {p.stem: np.asarray(Image.open(p))
-            for p in sorted((voc_root / "SegmentationClass").glob("*.png"))}
+    return {
+        p.stem: np.asarray(Image.open(p))
+        for p in sorted((voc_root / "SegmentationClass").glob("*.png"))
+    }
 
 
 def test_layout_and_split_lists(small_voc):
@@ -108,8 +113,11 @@ def test_default_synthetic_builder_through_get_data_source(tmp_path):
 
 
 def test_custom_synthetic_config_matches_the_written_pngs(tmp_path):
-    builder = tfds.builder("voc_segmentation", data_dir=str(tmp_path / "tfds"),
-                           config=data.synthetic_config("small", seed=7, **SMALL))
+    builder = tfds.builder(
+        "voc_segmentation",
+        data_dir=str(tmp_path / "tfds"),
+        config=data.synthetic_config("small", seed=7, **SMALL),
+    )
     builder.download_and_prepare(file_format="array_record")
     source = builder.as_data_source(split="train")
     written = _masks(write_synthetic_voc(tmp_path / "reference", seed=7, **SMALL))

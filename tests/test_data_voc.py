@@ -23,8 +23,12 @@ MASK_VALUES = (0, 1, 7, 15, 20, 255)
 
 VOC_TRAIN = {"2008_000001": (20, 24), "2008_000002": (17, 31), "2008_000003": (26, 18)}
 VOC_VAL = {"2008_000004": (21, 21), "2008_000005": (15, 29)}
-SBD_TRAIN = {"2008_000002": (17, 31), "2008_000004": (21, 21), "2009_000006": (19, 23),
-             "2009_000007": (25, 16)}
+SBD_TRAIN = {
+    "2008_000002": (17, 31),
+    "2008_000004": (21, 21),
+    "2009_000006": (19, 23),
+    "2009_000007": (25, 16),
+}
 SBD_VAL = {"2008_000003": (26, 18), "2009_000008": (18, 27)}
 
 
@@ -66,11 +70,14 @@ def write_voc(root, train=VOC_TRAIN, val=VOC_VAL):
     for split, items in (("train", train), ("val", val)):
         for image_id, shape in items.items():
             (voc_root / "JPEGImages" / f"{image_id}.jpg").write_bytes(
-                _jpeg_bytes(shape, int(image_id[-1])))
+                _jpeg_bytes(shape, int(image_id[-1]))
+            )
             (voc_root / "SegmentationClass" / f"{image_id}.png").write_bytes(
-                _palette_png_bytes(_mask(image_id, shape)))
+                _palette_png_bytes(_mask(image_id, shape))
+            )
         (voc_root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(
-            "\n".join(items) + "\n")
+            "\n".join(items) + "\n"
+        )
     return voc_root
 
 
@@ -82,10 +89,13 @@ def write_sbd(root, train=SBD_TRAIN, val=SBD_VAL):
     for split, items in (("train", train), ("val", val)):
         for image_id, shape in items.items():
             (sbd_root / "img" / f"{image_id}.jpg").write_bytes(
-                _jpeg_bytes(shape, 100 + int(image_id[-1])))
-            gt = {"Segmentation": _sbd_mask(image_id, shape),
-                  "Boundaries": np.zeros((1,), dtype=np.uint8),
-                  "CategoriesPresent": np.array([1], dtype=np.uint8)}
+                _jpeg_bytes(shape, 100 + int(image_id[-1]))
+            )
+            gt = {
+                "Segmentation": _sbd_mask(image_id, shape),
+                "Boundaries": np.zeros((1,), dtype=np.uint8),
+                "CategoriesPresent": np.array([1], dtype=np.uint8),
+            }
             scipy.io.savemat(sbd_root / "cls" / f"{image_id}.mat", {"GTcls": gt})
         (sbd_root / f"{split}.txt").write_text("\n".join(items) + "\n")
     return sbd_root
@@ -116,8 +126,7 @@ def make_manual_dir(tmp_path, form: str, with_sbd: bool):
 
 def _snapshot(folder):
     """Every path under `folder` with its size and mtime, to prove it was not modified."""
-    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*"))
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
 def _examples_by_id(source):
@@ -137,9 +146,12 @@ def _decoded_jpeg(path):
 def test_voc2012_from_archive_returns_exact_palette_indices(tmp_path):
     manual = make_manual_dir(tmp_path, "archive", with_sbd=False)
     before = _snapshot(manual)
-    sources = {split: data.get_data_source("voc2012", split, data_dir=str(tmp_path / "tfds"),
-                                           manual_dir=str(manual))
-               for split in ("train", "val")}
+    sources = {
+        split: data.get_data_source(
+            "voc2012", split, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)
+        )
+        for split in ("train", "val")
+    }
     assert _snapshot(manual) == before  # manual_dir is only read
     assert len(sources["train"]) == 3 and len(sources["val"]) == 2
 
@@ -152,11 +164,13 @@ def test_voc2012_from_archive_returns_exact_palette_indices(tmp_path):
             assert example["image"].dtype == np.uint8 and example["image"].shape == (*shape, 3)
             assert example["segmentation_mask"].dtype == np.uint8
             assert example["segmentation_mask"].shape == (*shape, 1)
-            np.testing.assert_array_equal(example["segmentation_mask"][..., 0],
-                                          _mask(image_id, shape))
+            np.testing.assert_array_equal(
+                example["segmentation_mask"][..., 0], _mask(image_id, shape)
+            )
             # The original JPEG bytes are stored, so decoding gives the same pixels.
             np.testing.assert_array_equal(
-                example["image"], _decoded_jpeg(extracted / "JPEGImages" / f"{image_id}.jpg"))
+                example["image"], _decoded_jpeg(extracted / "JPEGImages" / f"{image_id}.jpg")
+            )
 
 
 @pytest.mark.parametrize("form", ["archive", "folder"])
@@ -164,15 +178,21 @@ def test_voc2012_aug_train_is_sbd_plus_voc_train_minus_voc_val(tmp_path, form):
     manual = make_manual_dir(tmp_path, form, with_sbd=True)
     before = _snapshot(manual)
     data_dir = str(tmp_path / "tfds")
-    train = data.get_data_source("voc2012_aug", "train", data_dir=data_dir,
-                                 manual_dir=str(manual))
-    validation = data.get_data_source("voc2012_aug", "validation", data_dir=data_dir,
-                                      manual_dir=str(manual))
+    train = data.get_data_source("voc2012_aug", "train", data_dir=data_dir, manual_dir=str(manual))
+    validation = data.get_data_source(
+        "voc2012_aug", "validation", data_dir=data_dir, manual_dir=str(manual)
+    )
     assert _snapshot(manual) == before
 
     expected_ids = (set(SBD_TRAIN) | set(SBD_VAL) | set(VOC_TRAIN)) - set(VOC_VAL)
-    assert expected_ids == {"2008_000001", "2008_000002", "2008_000003", "2009_000006",
-                            "2009_000007", "2009_000008"}
+    assert expected_ids == {
+        "2008_000001",
+        "2008_000002",
+        "2008_000003",
+        "2009_000006",
+        "2009_000007",
+        "2009_000008",
+    }
     assert voc.train_aug_ids(VOC_TRAIN, VOC_VAL, SBD_TRAIN, SBD_VAL) == sorted(expected_ids)
     examples = _examples_by_id(train)
     assert len(train) == 6 and set(examples) == expected_ids
@@ -198,14 +218,16 @@ def _voc_folder_with(tmp_path, edit):
 
 
 def _build_2012(tmp_path, manual):
-    return data.get_data_source("voc2012", "train", data_dir=str(tmp_path / "tfds"),
-                                manual_dir=str(manual))
+    return data.get_data_source(
+        "voc2012", "train", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)
+    )
 
 
 def test_corrupt_jpeg_is_named(tmp_path):
     def truncate(voc_root):
         path = voc_root / "JPEGImages" / "2008_000002.jpg"
         path.write_bytes(path.read_bytes()[:200])
+
     manual = _voc_folder_with(tmp_path, truncate)
     with pytest.raises(ValueError, match=r"2008_000002\.jpg.*not a readable JPEG"):
         _build_2012(tmp_path, manual)
@@ -214,6 +236,7 @@ def test_corrupt_jpeg_is_named(tmp_path):
 def test_corrupt_png_is_named(tmp_path):
     def garble(voc_root):
         (voc_root / "SegmentationClass" / "2008_000003.png").write_bytes(b"\x89PNG not really")
+
     manual = _voc_folder_with(tmp_path, garble)
     with pytest.raises(ValueError, match=r"2008_000003\.png.*not a readable PNG"):
         _build_2012(tmp_path, manual)
@@ -223,8 +246,8 @@ def test_mask_value_outside_voc_labels_is_named(tmp_path):
     def add_42(voc_root):
         mask = _mask("2008_000001", VOC_TRAIN["2008_000001"])
         mask[3, 5] = 42
-        (voc_root / "SegmentationClass" / "2008_000001.png").write_bytes(
-            _palette_png_bytes(mask))
+        (voc_root / "SegmentationClass" / "2008_000001.png").write_bytes(_palette_png_bytes(mask))
+
     manual = _voc_folder_with(tmp_path, add_42)
     with pytest.raises(ValueError, match=r"2008_000001\.png contains label value 42"):
         _build_2012(tmp_path, manual)
@@ -233,8 +256,9 @@ def test_mask_value_outside_voc_labels_is_named(tmp_path):
 def test_sbd_label_value_outside_voc_labels_is_named(tmp_path):
     image_path = tmp_path / "x.jpg"
     image_path.write_bytes(_jpeg_bytes((8, 8), 0))
-    scipy.io.savemat(tmp_path / "x.mat",
-                     {"GTcls": {"Segmentation": np.full((8, 8), 21, dtype=np.uint8)}})
+    scipy.io.savemat(
+        tmp_path / "x.mat", {"GTcls": {"Segmentation": np.full((8, 8), 21, dtype=np.uint8)}}
+    )
     with pytest.raises(ValueError, match=r"x\.mat contains label value 21"):
         voc.make_example(image_path, tmp_path / "x.mat")
 
@@ -242,7 +266,9 @@ def test_sbd_label_value_outside_voc_labels_is_named(tmp_path):
 def test_image_and_mask_size_mismatch_is_named(tmp_path):
     def shrink_mask(voc_root):
         (voc_root / "SegmentationClass" / "2008_000002.png").write_bytes(
-            _palette_png_bytes(_mask("2008_000002", (17, 30))))
+            _palette_png_bytes(_mask("2008_000002", (17, 30)))
+        )
+
     manual = _voc_folder_with(tmp_path, shrink_mask)
     with pytest.raises(ValueError, match=r"2008_000002\.png is 30x17.*2008_000002\.jpg is 31x17"):
         _build_2012(tmp_path, manual)
@@ -250,7 +276,8 @@ def test_image_and_mask_size_mismatch_is_named(tmp_path):
 
 def test_missing_split_list_is_named(tmp_path):
     manual = _voc_folder_with(
-        tmp_path, lambda voc_root: (voc_root / "ImageSets/Segmentation/val.txt").unlink())
+        tmp_path, lambda voc_root: (voc_root / "ImageSets/Segmentation/val.txt").unlink()
+    )
     expected = manual / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
     with pytest.raises(FileNotFoundError, match=f"Split list {expected} does not exist"):
         _build_2012(tmp_path, manual)

@@ -21,8 +21,19 @@ def _from_torch(x_nchw):
 
 # ----------------------------------------------------------------------------- transposed conv
 
-@pytest.mark.parametrize("size,k,s,p", [(5, 4, 2, 0), (5, 4, 2, 1), (7, 64, 32, 0),
-                                        (3, 16, 8, 4), (6, 3, 2, 0), (4, 5, 3, 2), (1, 63, 32, 0)])
+
+@pytest.mark.parametrize(
+    "size,k,s,p",
+    [
+        (5, 4, 2, 0),
+        (5, 4, 2, 1),
+        (7, 64, 32, 0),
+        (3, 16, 8, 4),
+        (6, 3, 2, 0),
+        (4, 5, 3, 2),
+        (1, 63, 32, 0),
+    ],
+)
 def test_transposed_conv_output_size_formula_matches_module(size, k, s, p):
     expected = (size - 1) * s - 2 * p + k
     assert layers.transposed_conv_output_size(size, k, s, p) == expected
@@ -85,8 +96,9 @@ def test_bilinear_transposed_conv_equals_half_pixel_interpolation_in_the_interio
     rng = np.random.default_rng(factor)
     x = rng.normal(size=(1, 5, 6, 3)).astype(np.float32)
     out = _bilinear_upsample(jnp.asarray(x), 2 * factor, factor, factor // 2)
-    expected = _from_torch(F.interpolate(_to_torch(x), scale_factor=factor, mode="bilinear",
-                                         align_corners=False))
+    expected = _from_torch(
+        F.interpolate(_to_torch(x), scale_factor=factor, mode="bilinear", align_corners=False)
+    )
     assert out.shape == expected.shape
     inner = slice(factor, -factor)
     np.testing.assert_allclose(out[:, inner, inner], expected[:, inner, inner], atol=1e-5)
@@ -101,8 +113,9 @@ def test_odd_bilinear_kernel_equals_align_corners_interpolation(factor):
     x = rng.normal(size=(1, 4, 5, 2)).astype(np.float32)
     out = _bilinear_upsample(jnp.asarray(x), 2 * factor - 1, factor, factor - 1)
     size = (3 * factor + 1, 4 * factor + 1)
-    expected = _from_torch(F.interpolate(_to_torch(x), size=size, mode="bilinear",
-                                         align_corners=True))
+    expected = _from_torch(
+        F.interpolate(_to_torch(x), size=size, mode="bilinear", align_corners=True)
+    )
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
@@ -129,14 +142,17 @@ def test_bilinear_init_needs_matching_channels():
 
 # ----------------------------------------------------------------------------- resize / crop
 
-@pytest.mark.parametrize("src,dst", [((7, 9), (19, 23)), ((19, 23), (7, 5)), ((5, 8), (10, 16)),
-                                     ((12, 5), (6, 11))])
+
+@pytest.mark.parametrize(
+    "src,dst", [((7, 9), (19, 23)), ((19, 23), (7, 5)), ((5, 8), (10, 16)), ((12, 5), (6, 11))]
+)
 def test_resize_bilinear_matches_torch_interpolate(src, dst):
     rng = np.random.default_rng(sum(src) + sum(dst))
     x = rng.normal(size=(2, *src, 3)).astype(np.float32)
     out = layers.resize_bilinear(jnp.asarray(x), dst)
-    expected = _from_torch(F.interpolate(_to_torch(x), size=dst, mode="bilinear",
-                                         align_corners=False))
+    expected = _from_torch(
+        F.interpolate(_to_torch(x), size=dst, mode="bilinear", align_corners=False)
+    )
     assert out.shape == (2, *dst, 3) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
@@ -158,13 +174,48 @@ def test_crop_to_and_center_crop():
 
 # ----------------------------------------------------------------------------- conv blocks
 
+# (window, stride, padding): torchvision's/FCN's 2×2, AlexNet's 3×3/2, DeepLab's 3×3/2 pad 1 and
+# 3×3/1 pad 1, and a window whose ceil-mode overhang goes past the padding (3×3/3 pad 1).
+POOLS = [(2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 1, 1), (3, 3, 1)]
+
+
 @pytest.mark.parametrize("ceil_mode", [False, True])
-@pytest.mark.parametrize("window,stride", [(2, 2), (3, 2)])
-def test_max_pool_matches_torch(window, stride, ceil_mode):
-    x = np.random.default_rng(window).normal(size=(1, 9, 12, 2)).astype(np.float32)
-    out = layers.max_pool(jnp.asarray(x), window, stride, ceil_mode=ceil_mode)
-    expected = _from_torch(F.max_pool2d(_to_torch(x), window, stride, ceil_mode=ceil_mode))
+@pytest.mark.parametrize("window,stride,padding", POOLS)
+def test_max_pool_matches_torch(window, stride, padding, ceil_mode):
+    x = np.random.default_rng(window).normal(size=(1, 9, 12, 2)).astype(np.float32) - 3.0
+    out = layers.max_pool(jnp.asarray(x), window, stride, padding, ceil_mode)
+    expected = _from_torch(F.max_pool2d(_to_torch(x), window, stride, padding, ceil_mode=ceil_mode))
+    assert out.shape == expected.shape
     np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("window,stride,padding", POOLS)
+@pytest.mark.parametrize("height,width", [(9, 12), (8, 13)])
+def test_avg_pool_matches_caffe_ave_pooling(window, stride, padding, ceil_mode, height, width):
+    # Caffe's AVE pooling: sum of the real pixels / the window clipped to [−p, n + p), which is
+    # PyTorch's count_include_pad=True (its ceil mode clips the overhang the same way).
+    x = np.random.default_rng(height).normal(size=(2, height, width, 3)).astype(np.float32)
+    out = layers.avg_pool(jnp.asarray(x), window, stride, padding, ceil_mode)
+    expected = _from_torch(
+        F.avg_pool2d(
+            _to_torch(x), window, stride, padding, ceil_mode=ceil_mode, count_include_pad=True
+        )
+    )
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_caffe_pool_output_size_rule():
+    # Caffe's ceil((n + 2p − k) / s) + 1, less one where the last window would start in the
+    # padding: 513 -> 257 -> 129 -> 65 for DeepLab's 3×3/2 pad 1 pools.
+    sizes = [513]
+    for _ in range(3):
+        sizes.append(layers.pool_output_size(sizes[-1], 3, 2, 1, ceil_mode=True))
+    assert sizes == [513, 257, 129, 65]
+    assert layers.pool_output_size(4, 3, 3, 1, ceil_mode=True) == 2  # ceil gives 3: dropped
+    with pytest.raises(ValueError, match="cannot pool a dimension of size 1"):
+        layers.pool_output_size(1, 2, 2)
 
 
 def test_conv_bn_act_matches_torch_in_eval_and_updates_running_mean_like_torch():
@@ -178,10 +229,13 @@ def test_conv_bn_act_matches_torch_in_eval_and_updates_running_mean_like_torch()
         bn.weight.normal_()
         bn.bias.normal_()
     variables = {
-        "params": {"conv": {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0)},
-                   "bn": {"scale": bn.weight.detach().numpy(), "bias": bn.bias.detach().numpy()}},
-        "batch_stats": {"bn": {"mean": bn.running_mean.numpy().copy(),
-                               "var": bn.running_var.numpy().copy()}},
+        "params": {
+            "conv": {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0)},
+            "bn": {"scale": bn.weight.detach().numpy(), "bias": bn.bias.detach().numpy()},
+        },
+        "batch_stats": {
+            "bn": {"mean": bn.running_mean.numpy().copy(), "var": bn.running_var.numpy().copy()}
+        },
     }
     module = layers.ConvBNAct(4, kernel_size=3, stride=2, dilation=2)
     out = module.apply(variables, jnp.asarray(x), train=False)
@@ -196,8 +250,9 @@ def test_conv_bn_act_matches_torch_in_eval_and_updates_running_mean_like_torch()
         bn(conv(_to_torch(x)))
     # torch's momentum 0.1 == flax's 0.9. (The running *variance* differs by torch's n/(n−1)
     # unbiasing, so only the mean is compared.)
-    np.testing.assert_allclose(np.asarray(updates["batch_stats"]["bn"]["mean"]),
-                               bn.running_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(updates["batch_stats"]["bn"]["mean"]), bn.running_mean.numpy(), atol=1e-5
+    )
 
 
 def test_conv_bn_act_without_bn_has_bias_and_no_batch_stats():
@@ -209,11 +264,13 @@ def test_conv_bn_act_without_bn_has_bias_and_no_batch_stats():
 
 # ----------------------------------------------------------------------------- aux mechanism
 
+
 class _TwoHeads(nn.Module):
     @nn.compact
     def __call__(self, x):
-        small = nn.Conv(3, (2, 2), strides=(2, 2), dtype=jnp.bfloat16,
-                        kernel_init=nn.initializers.ones)(x)
+        small = nn.Conv(
+            3, (2, 2), strides=(2, 2), dtype=jnp.bfloat16, kernel_init=nn.initializers.ones
+        )(x)
         layers.sow_aux_logits(self, "stage3", small, x.shape[1:3])
         return x
 
@@ -229,3 +286,40 @@ def test_sow_aux_logits_returns_float32_logits_at_input_size_only_when_mutable()
     assert aux.shape == (2, 8, 6, 3) and aux.dtype == jnp.float32
     params_only = {"params": variables["params"]}
     assert isinstance(module.apply(params_only, x), jax.Array)  # not mutable: plain output
+
+
+class _SharedBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, y):
+        block = layers.ConvBNAct(3, 1, activation=None)
+        return block(x, train=True), layers.call_without_batch_stats_update(block, y, train=True)
+
+
+def test_call_without_batch_stats_update_normalises_by_batch_but_keeps_running_stats():
+    module = _SharedBN()
+    rng = np.random.default_rng(0)
+    x, y = (jnp.asarray(rng.normal(size=(2, 5, 4, 2)) + 3.0, jnp.float32) for _ in range(2))
+    variables = module.init(jax.random.key(0), x, y)
+    (_, out_y), state = module.apply(variables, x, y, mutable=["batch_stats"])
+    # The running mean moved once, by x's batch alone (momentum 0.9 from 0).
+    kernel = variables["params"]["ConvBNAct_0"]["conv"]["kernel"][0, 0]
+    np.testing.assert_allclose(
+        state["batch_stats"]["ConvBNAct_0"]["bn"]["mean"],
+        0.1 * np.mean(np.asarray(x) @ np.asarray(kernel), axis=(0, 1, 2)),
+        rtol=1e-5,
+    )
+    # y was normalised with its own batch statistics (zero mean per channel) ...
+    np.testing.assert_allclose(np.mean(np.asarray(out_y), axis=(0, 1, 2)), 0.0, atol=1e-5)
+    # ... and the parameters it used get gradients.
+    grads = jax.grad(
+        lambda p: jnp.sum(
+            module.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                y,
+                mutable=["batch_stats"],
+            )[0][1]
+            ** 3
+        )
+    )(variables["params"])
+    assert np.abs(np.asarray(grads["ConvBNAct_0"]["conv"]["kernel"])).max() > 0

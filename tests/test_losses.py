@@ -59,7 +59,10 @@ def _assert_parity(name, kwargs, reference, logits, labels, reference_float32=Fa
     expected.backward()
     expected_grad = np.moveaxis(torch_logits.grad.double().numpy(), 1, -1)
     with jax.enable_x64(True):
-        fn = lambda x: losses.LOSSES[name](x, jnp.asarray(labels), **kwargs)
+
+        def fn(x):
+            return losses.LOSSES[name](x, jnp.asarray(labels), **kwargs)
+
         value, grad = jax.value_and_grad(fn)(jnp.asarray(logits))
     assert abs(float(value) - expected.item()) <= TOL, (float(value), expected.item())
     np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=0, atol=TOL)
@@ -92,15 +95,6 @@ def test_cross_entropy_smoothing_is_optax_smoothing():
         targets = optax.smooth_labels(jax.nn.one_hot(labels, NUM_CLASSES), 0.2)
         expected = float(optax.softmax_cross_entropy(jnp.asarray(logits), targets).mean())
     assert abs(_jax("cross_entropy", logits, labels, label_smoothing=0.2) - expected) < 1e-12
-
-
-def test_legacy_cross_entropy_with_ignore_agrees():
-    logits, labels = _inputs(seed=3)
-    loss, num_valid = losses.cross_entropy_with_ignore(
-        jnp.asarray(logits, jnp.float32), jnp.asarray(labels), IGNORE
-    )
-    assert int(num_valid) == int((labels != IGNORE).sum())
-    assert abs(float(loss) - _jax("cross_entropy", logits, labels)) < 1e-5
 
 
 @pytest.mark.parametrize("class_weights", [None, WEIGHTS])

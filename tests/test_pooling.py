@@ -18,12 +18,15 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
-@pytest.mark.parametrize("shape, ties", [
-    ((2, 8, 10, 3), False),
-    ((2, 9, 7, 3), False),      # odd sizes: floor drops, ceil overhangs
-    ((1, 13, 1 + 2 * 6, 4), True),  # values from {0, 1, 2}: many ties
-    ((3, 5, 6, 2), True),
-])
+@pytest.mark.parametrize(
+    "shape, ties",
+    [
+        ((2, 8, 10, 3), False),
+        ((2, 9, 7, 3), False),  # odd sizes: floor drops, ceil overhangs
+        ((1, 13, 1 + 2 * 6, 4), True),  # values from {0, 1, 2}: many ties
+        ((3, 5, 6, 2), True),
+    ],
+)
 def test_max_pool_and_unpool_match_torch(shape, ties, ceil_mode):
     rng = np.random.default_rng(sum(shape) + ceil_mode)
     if ties:
@@ -33,7 +36,8 @@ def test_max_pool_and_unpool_match_torch(shape, ties, ceil_mode):
     pooled, indices = pooling.max_pool_with_indices(jnp.asarray(x), 2, ceil_mode=ceil_mode)
 
     t_pooled, t_indices = torch.nn.MaxPool2d(2, 2, ceil_mode=ceil_mode, return_indices=True)(
-        _torch_nchw(x))
+        _torch_nchw(x)
+    )
     np.testing.assert_array_equal(np.asarray(pooled), _nhwc(t_pooled))
     np.testing.assert_array_equal(np.asarray(indices), _nhwc(t_indices))
     assert indices.dtype == jnp.int32
@@ -48,8 +52,9 @@ def test_max_pool_and_unpool_match_torch(shape, ties, ceil_mode):
 
 def test_max_pool_ties_and_nans_follow_torch_rules():
     # Window [[1, 1], [1, 1]] -> first (0); [[0, 1], [1, 0]] -> 1; NaN windows -> last NaN.
-    x = np.array([[1, 1, 0, 1, float("nan"), 1],
-                  [1, 1, 1, 0, float("nan"), 0]], np.float32)[None, :, :, None]
+    x = np.array([[1, 1, 0, 1, float("nan"), 1], [1, 1, 1, 0, float("nan"), 0]], np.float32)[
+        None, :, :, None
+    ]
     _, indices = pooling.max_pool_with_indices(jnp.asarray(x))
     _, t_indices = torch.nn.functional.max_pool2d(_torch_nchw(x), 2, 2, return_indices=True)
     np.testing.assert_array_equal(np.asarray(indices)[0, 0, :, 0], [0, 3, 10])
@@ -66,7 +71,11 @@ def test_pooling_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="ceil_mode=True"):
         pooling.max_pool_with_indices(jnp.zeros((1, 1, 4, 1)))
     assert pooling.max_pool_with_indices(jnp.zeros((1, 1, 4, 1)), ceil_mode=True)[0].shape == (
-        1, 1, 2, 1)
+        1,
+        1,
+        2,
+        1,
+    )
     with pytest.raises(ValueError, match="output_size"):
         pooling.max_unpool(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1), jnp.int32), (9, 4))
 

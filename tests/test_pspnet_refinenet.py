@@ -24,6 +24,7 @@ def _torchvision():
     for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
         sys.modules.setdefault(name, types.ModuleType(name))
     import torchvision
+
     return torchvision
 
 
@@ -54,6 +55,7 @@ def _from_torch(t):
 
 
 # ----------------------------------------------------------------------------- shared checks
+
 
 @pytest.mark.parametrize("name", ["pspnet", "refinenet"])
 def test_logits_at_input_size_for_odd_sizes(name):
@@ -92,9 +94,13 @@ def test_pspnet_aux_head_can_be_left_out():
     model = _tiny("pspnet", aux_head=False)
     without = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
     assert "aux_head" in with_aux["params"] and "aux_head" not in without["params"]
-    _, state = jax.eval_shape(lambda v, x: model.apply(
-        v, x, train=True, mutable=["batch_stats", "aux"], rngs={"dropout": jax.random.key(0)}),
-        without, jnp.zeros((1, 33, 33, 3)))
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, train=True, mutable=["batch_stats", "aux"], rngs={"dropout": jax.random.key(0)}
+        ),
+        without,
+        jnp.zeros((1, 33, 33, 3)),
+    )
     assert not state.get("aux")
 
 
@@ -109,11 +115,16 @@ def test_bad_arguments_raise_one_clear_error():
 
 # ----------------------------------------------------------------------------- parameter counts
 
+
 def test_pspnet_resnet50_parameter_count():
     backbone = _torchvision_resnet_without_fc(50)
     # Deep stem (3×3 convs 3→32→32→64, each + BN) instead of the 7×7 conv 3→64 + BN.
-    backbone += (_conv(3, 32, bn=True) + _conv(32, 32, bn=True) + _conv(32, 64, bn=True)
-                 - _conv(3, 64, k=7, bn=True))
+    backbone += (
+        _conv(3, 32, bn=True)
+        + _conv(32, 32, bn=True)
+        + _conv(32, 64, bn=True)
+        - _conv(3, 64, k=7, bn=True)
+    )
     ppm = 4 * _conv(2048, 512, k=1, bn=True)
     head = _conv(4096, 512, bn=True) + _conv(512, 21, k=1, bias=True)
     aux = _conv(1024, 256, bn=True) + _conv(256, 21, k=1, bias=True)
@@ -133,17 +144,20 @@ def test_refinenet_resnet101_parameter_count():
 
     dimred = _conv(2048, 512) + _conv(1024, 256) + _conv(512, 256) + _conv(256, 256)
     refinenet4 = 2 * rcu(512) + crp(512) + rcu(512)
-    refinenet3 = 2 * rcu(256) + 2 * rcu(512) + _conv(256, 256) + _conv(512, 256) + crp(256) \
-        + rcu(256)
+    refinenet3 = (
+        2 * rcu(256) + 2 * rcu(512) + _conv(256, 256) + _conv(512, 256) + crp(256) + rcu(256)
+    )
     refinenet2_1 = 2 * (4 * rcu(256) + 2 * _conv(256, 256) + crp(256) + rcu(256))
     head = 2 * rcu(256) + _conv(256, 21, bias=True)
     model = models.create_model("refinenet", num_classes=21, backbone="resnet101")
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 65, 65, 3)))
     assert models.count_params(shapes) == (
-        backbone + dimred + refinenet4 + refinenet3 + refinenet2_1 + head)
+        backbone + dimred + refinenet4 + refinenet3 + refinenet2_1 + head
+    )
 
 
 # ----------------------------------------------------------------------------- block parity
+
 
 def test_pyramid_pooling_matches_torch():
     rng = np.random.default_rng(0)
@@ -161,10 +175,14 @@ def test_pyramid_pooling_matches_torch():
         y = F.adaptive_avg_pool2d(t_x, b)
         kernel = np.asarray(params["conv"]["kernel"]).transpose(3, 2, 0, 1)
         y = F.conv2d(y, torch.from_numpy(kernel.copy()))
-        y = F.batch_norm(y, torch.from_numpy(np.asarray(stats["bn"]["mean"])),
-                         torch.from_numpy(np.asarray(stats["bn"]["var"])),
-                         torch.from_numpy(np.asarray(params["bn"]["scale"])),
-                         torch.from_numpy(np.asarray(params["bn"]["bias"])), eps=1e-5)
+        y = F.batch_norm(
+            y,
+            torch.from_numpy(np.asarray(stats["bn"]["mean"])),
+            torch.from_numpy(np.asarray(stats["bn"]["var"])),
+            torch.from_numpy(np.asarray(params["bn"]["scale"])),
+            torch.from_numpy(np.asarray(params["bn"]["bias"])),
+            eps=1e-5,
+        )
         y = F.interpolate(F.relu(y), size=(13, 11), mode="bilinear", align_corners=False)
         branches.append(y)
     expected = _from_torch(torch.cat(branches, dim=1))
@@ -183,7 +201,6 @@ def test_chained_residual_pooling_matches_torch():
     for stage in range(4):
         kernel = np.asarray(variables["params"][f"conv{stage + 1}"]["kernel"])
         t_path = F.max_pool2d(t_path, 5, stride=1, padding=2)
-        t_path = F.conv2d(t_path, torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()),
-                          padding=1)
+        t_path = F.conv2d(t_path, torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()), padding=1)
         t_sum = t_sum + t_path
     np.testing.assert_allclose(np.asarray(out), _from_torch(t_sum), atol=1e-5)

@@ -9,12 +9,12 @@ import json
 import jax
 import numpy as np
 import pytest
-
 import tiny_models
+
 from flaxseg import models
 from flaxseg.configs import default
-from flaxseg.configs import models as model_configs
-from flaxseg.training import loop
+from flaxseg.training import evaluation, inputs, loop, spec
+from flaxseg.training.sharding import create_mesh, shard_batch
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +38,17 @@ def tiny_config(name, data_dir):
     )
     config.log_every = 1
     config.progress_bar = False
-    return model_configs.resolve(config)
+    return spec.resolve_config(config)
 
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_model_trains_and_evaluates(name, data_dir, tmp_path):
     config = tiny_config(name, data_dir)
-    mesh = loop.create_mesh()
-    model = loop.build_model(loop.model_spec(config))
+    mesh = create_mesh()
+    model = spec.build_model(spec.model_spec(config))
     tx, _ = loop.create_optimizer(config)
     state = loop.init_state(model, tx, config, mesh)
-    batch = loop.shard_batch(next(loop.create_train_iterator(config)), mesh)
+    batch = shard_batch(next(inputs.create_train_iterator(config)), mesh)
     train_step = loop.jit_train_step(config, mesh)
     key = jax.random.key(0)
     losses = []
@@ -61,6 +61,6 @@ def test_model_trains_and_evaluates(name, data_dir, tmp_path):
     # Same config, so the train step's compiled executable comes from the persistent cache.
     summary = loop.train_and_evaluate(config, tmp_path, stop_at_step=2)
     assert summary["step"] == 2
-    evaluated = loop.evaluate_workdir(tmp_path)
+    evaluated = evaluation.evaluate_workdir(tmp_path)
     assert evaluated["miou"] == pytest.approx(summary["miou"], abs=1e-6)
     assert evaluated["report"].splitlines()[-1] == summary["report"].splitlines()[-1]

@@ -17,12 +17,18 @@ import pytest
 import torch
 from flax import traverse_util
 
-from flaxseg.models import count_params
-from flaxseg.models.backbones import dilated
-from flaxseg.models.backbones.resnet import (ResNet, resnet_channels, stage_plan,
-                                             torchvision_resnet_key_map)
-from flaxseg.models.backbones.xception import (Xception65, timm_xception65_key_map,
-                                               xception65_channels)
+from flaxseg.models import backbones, count_params
+from flaxseg.models.backbones.resnet import (
+    ResNet,
+    resnet_channels,
+    stage_plan,
+    torchvision_resnet_key_map,
+)
+from flaxseg.models.backbones.xception import (
+    Xception65,
+    timm_xception65_key_map,
+    xception65_channels,
+)
 
 for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
     sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
@@ -31,8 +37,11 @@ import torchvision  # noqa: E402
 
 
 def _init_shapes(module, height=64, width=64):
-    return jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, height, width, 3)))
+    return jax.eval_shape(
+        functools.partial(module.init, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, height, width, 3)),
+    )
 
 
 def _flat_shapes(tree):
@@ -51,23 +60,26 @@ def _downsampled(n, times):
 
 # ----------------------------------------------------------------------------- ResNet
 
-@pytest.mark.parametrize("output_stride,replace", [(32, [False, False, False]),
-                                                   (16, [False, False, True]),
-                                                   (8, [False, True, True])])
+
+@pytest.mark.parametrize(
+    "output_stride,replace",
+    [(32, [False, False, False]), (16, [False, False, True]), (8, [False, True, True])],
+)
 @pytest.mark.parametrize("depth", [50, 101])
 def test_stage_plan_matches_torchvision_dilation(depth, output_stride, replace):
     with torch.device("meta"):
         reference = getattr(torchvision.models, f"resnet{depth}")(
-            replace_stride_with_dilation=replace)
+            replace_stride_with_dilation=replace
+        )
     plan = stage_plan(depth, output_stride)
-    for (stride, rates), layer in zip(plan, (reference.layer1, reference.layer2,
-                                             reference.layer3, reference.layer4)):
+    for (stride, rates), layer in zip(
+        plan, (reference.layer1, reference.layer2, reference.layer3, reference.layer4)
+    ):
         assert [block.conv2.dilation[0] for block in layer] == rates
         assert [block.conv2.stride[0] for block in layer] == [stride] + [1] * (len(layer) - 1)
 
 
-@pytest.mark.parametrize("output_stride,rates", [(32, [1, 2, 4]), (16, [2, 4, 8]),
-                                                 (8, [4, 8, 16])])
+@pytest.mark.parametrize("output_stride,rates", [(32, [1, 2, 4]), (16, [2, 4, 8]), (8, [4, 8, 16])])
 def test_multi_grid_multiplies_the_last_stage_rate(output_stride, rates):
     # DeepLab v3, Sec. 3.2: "when output_stride = 16 and Multi_Grid = (1, 2, 4), the three
     # convolutions will have rates = 2 · (1, 2, 4) = (2, 4, 8) in the block4".
@@ -76,13 +88,16 @@ def test_multi_grid_multiplies_the_last_stage_rate(output_stride, rates):
     assert plan[:3] == stage_plan(101, output_stride)[:3]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(output_stride=4), "output_stride must be one of 8, 16, 32, got 4"),
-    (dict(output_stride=12), "output_stride must be one of 8, 16, 32, got 12"),
-    (dict(depth=34), "ResNet depth must be one of 50, 101, 152, got 34"),
-    (dict(multi_grid=(1, 2)), "multi_grid must hold 3 positive integer rates"),
-    (dict(multi_grid=(1, 0, 2)), "multi_grid must hold 3"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(output_stride=4), "output_stride must be one of 8, 16, 32, got 4"),
+        (dict(output_stride=12), "output_stride must be one of 8, 16, 32, got 12"),
+        (dict(depth=34), "ResNet depth must be one of 50, 101, 152, got 34"),
+        (dict(multi_grid=(1, 2)), "multi_grid must hold 3 positive integer rates"),
+        (dict(multi_grid=(1, 0, 2)), "multi_grid must hold 3"),
+    ],
+)
 def test_resnet_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ResNet(**kwargs)
@@ -94,13 +109,18 @@ def test_resnet_feature_shapes_at_odd_size(output_stride, deep_stem):
     module = ResNet(depth=50, output_stride=output_stride, deep_stem=deep_stem, base_width=4)
     height, width = 97, 131
     variables = _init_shapes(module)
-    features = jax.eval_shape(module.apply, variables,
-                              jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32))
+    features = jax.eval_shape(
+        module.apply, variables, jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
+    )
     assert sorted(features) == [4, 8, 16, 32]
     for stride, feature in features.items():
         steps = min(stride, output_stride).bit_length() - 1  # dilated stages keep the size
-        assert feature.shape == (2, _downsampled(height, steps), _downsampled(width, steps),
-                                 resnet_channels(50, 4)[stride])
+        assert feature.shape == (
+            2,
+            _downsampled(height, steps),
+            _downsampled(width, steps),
+            resnet_channels(50, 4)[stride],
+        )
     assert module.out_channels == {4: 16, 8: 32, 16: 64, 32: 128}
 
 
@@ -108,8 +128,9 @@ def test_output_stride_and_multi_grid_change_no_parameter_shape():
     reference = _flat_shapes(_init_shapes(ResNet(depth=50, base_width=4)))
     for output_stride in (8, 16):
         for multi_grid in ((1, 1, 1), (1, 2, 4)):
-            module = ResNet(depth=50, base_width=4, output_stride=output_stride,
-                            multi_grid=multi_grid)
+            module = ResNet(
+                depth=50, base_width=4, output_stride=output_stride, multi_grid=multi_grid
+            )
             assert _flat_shapes(_init_shapes(module)) == reference
 
 
@@ -117,8 +138,11 @@ def test_output_stride_and_multi_grid_change_no_parameter_shape():
 def test_resnet_key_map_covers_torchvision_state_dict(depth):
     with torch.device("meta"):
         reference = getattr(torchvision.models, f"resnet{depth}")()
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()
-                if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = {
+        k: tuple(v.shape)
+        for k, v in reference.state_dict().items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     key_map = torchvision_resnet_key_map(depth)
     variables = _init_shapes(ResNet(depth=depth))
     shapes = _flat_shapes(variables)
@@ -134,9 +158,16 @@ def _mmseg_deep_stem(base=64):
     """MMSegmentation ResNetV1c's stem, written independently: conv-BN-ReLU ×3 (32, 32, 64)."""
     c1, c2 = base // 2, base
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, c1, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(c1), torch.nn.ReLU(),
-        torch.nn.Conv2d(c1, c1, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(c1), torch.nn.ReLU(),
-        torch.nn.Conv2d(c1, c2, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(c2), torch.nn.ReLU())
+        torch.nn.Conv2d(3, c1, 3, 2, 1, bias=False),
+        torch.nn.BatchNorm2d(c1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(c1, c1, 3, 1, 1, bias=False),
+        torch.nn.BatchNorm2d(c1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(c1, c2, 3, 1, 1, bias=False),
+        torch.nn.BatchNorm2d(c2),
+        torch.nn.ReLU(),
+    )
 
 
 def test_deep_stem_matches_an_independent_torch_stem():
@@ -152,13 +183,16 @@ def test_deep_stem_matches_an_independent_torch_stem():
     stem.eval()
     reference = torchvision.models.resnet50().eval()  # its layer1..4 follow the deep stem
     state = {f"stem.{k}": v for k, v in stem.state_dict().items()}
-    state.update({k: v for k, v in reference.state_dict().items()
-                  if k.startswith("layer")})
+    state.update({k: v for k, v in reference.state_dict().items() if k.startswith("layer")})
     module = ResNet(depth=50, deep_stem=True)
     key_map = torchvision_resnet_key_map(50, deep_stem=True)
     assert sorted(key_map.values()) == sorted(k for k in state if "num_batches" not in k)
-    flat = {path: (state[key].numpy().transpose(2, 3, 1, 0) if state[key].ndim == 4
-                   else state[key].numpy()) for path, key in key_map.items()}
+    flat = {
+        path: (
+            state[key].numpy().transpose(2, 3, 1, 0) if state[key].ndim == 4 else state[key].numpy()
+        )
+        for path, key in key_map.items()
+    }
     variables = traverse_util.unflatten_dict(flat)
     assert _flat_shapes(variables) == _flat_shapes(_init_shapes(module))
 
@@ -175,11 +209,15 @@ def test_deep_stem_matches_an_independent_torch_stem():
 
 # ----------------------------------------------------------------------------- Xception-65
 
+
 def test_xception_key_map_and_parameter_count_match_timm():
     with torch.device("meta"):
         reference = timm.create_model("xception65", num_classes=0)
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
+    expected = {
+        k: tuple(v.shape)
+        for k, v in reference.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     key_map = timm_xception65_key_map()
     variables = _init_shapes(Xception65())
     shapes = _flat_shapes(variables)
@@ -218,13 +256,18 @@ def test_xception_dilation_matches_timm(output_stride):
 def test_xception_feature_shapes_at_odd_size(output_stride):
     module = Xception65(output_stride=output_stride, base_width=8, num_middle_units=2)
     height, width = 97, 131
-    features = jax.eval_shape(module.apply, _init_shapes(module),
-                              jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
+    features = jax.eval_shape(
+        module.apply, _init_shapes(module), jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+    )
     assert sorted(features) == [4, 8, 16, 32]
     for stride, feature in features.items():
         steps = min(stride, output_stride).bit_length() - 1
-        assert feature.shape == (1, _downsampled(height, steps), _downsampled(width, steps),
-                                 xception65_channels(8)[stride])
+        assert feature.shape == (
+            1,
+            _downsampled(height, steps),
+            _downsampled(width, steps),
+            xception65_channels(8)[stride],
+        )
 
 
 def test_xception_rejects_bad_arguments():
@@ -234,12 +277,27 @@ def test_xception_rejects_bad_arguments():
         Xception65(multi_grid=(1, 2, 4, 8))
 
 
-def test_make_dilated_backbone_names_valid_backbones():
-    with pytest.raises(ValueError, match="Unknown backbone 'resnet18'.*'resnet50', 'resnet101', "
-                                         "'resnet152', 'xception65'"):
-        dilated.make_dilated_backbone("resnet18", output_stride=16, multi_grid=(1, 1, 1))
-    module = dilated.make_dilated_backbone("xception65", output_stride=8, multi_grid=(1, 2, 4),
-                                           base_width=8)
+def test_backbone_factory_builds_every_backbone_by_name():
+    with pytest.raises(
+        ValueError,
+        match="Unknown backbone 'resnet18'; valid backbones: "
+        "'resnet50', 'resnet101', 'resnet152', 'xception65', "
+        "'vgg16', 'vgg16_bn', 'alexnet'",
+    ):
+        backbones.create("resnet18")
+    module = backbones.create(
+        "xception65", output_stride=8, multi_grid=(1, 2, 4), base_width=8, name="backbone"
+    )
     assert isinstance(module, Xception65) and module.multi_grid == (1, 2, 4)
-    assert dilated.dilated_backbone_channels("resnet101") == {4: 256, 8: 512, 16: 1024,
-                                                              32: 2048}
+    assert (module.output_stride, module.base_width, module.name) == (8, 8, "backbone")
+    deep = backbones.create("resnet152", output_stride=16, deep_stem=True)
+    assert isinstance(deep, ResNet) and (deep.depth, deep.deep_stem) == (152, True)
+    assert backbones.channels("resnet101") == {4: 256, 8: 512, 16: 1024, 32: 2048}
+    for name in backbones.NAMES:  # channels() agrees with the modules it describes
+        assert backbones.channels(name, 8) == backbones.create(name, base_width=8).out_channels
+    with pytest.raises(ValueError, match="deep_stem is a ResNet option"):
+        backbones.create("vgg16", deep_stem=True)
+    with pytest.raises(ValueError, match="multi_grid needs a ResNet or Xception"):
+        backbones.create("vgg16_bn", multi_grid=(1, 2, 4))
+    with pytest.raises(ValueError, match="AlexNet has no dilated form"):
+        backbones.create("alexnet", output_stride=16)

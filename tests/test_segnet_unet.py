@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from model_helpers import check_train_mode, random_variables
 from tiny_models import TINY_KWARGS
 
-from flaxseg import models
-from flaxseg.models import pooling, segnet, unet
+from flaxseg import models, weights
+from flaxseg.models import pooling, unet
 
 NUM_CLASSES = 3
 
@@ -22,6 +23,7 @@ def _torchvision():
     for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
         sys.modules.setdefault(name, types.ModuleType(name))
     import torchvision
+
     return torchvision
 
 
@@ -39,12 +41,16 @@ def _conv_params(c_in, c_out, k=3, bias=True, bn=False):
 
 # ----------------------------------------------------------------------------- shared checks
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("segnet", {}),
-    ("segnet", {"ceil_mode": False}),
-    ("unet", {}),
-    ("unet", {"backbone": "resnet50"}),
-])
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("segnet", {}),
+        ("segnet", {"ceil_mode": False}),
+        ("unet", {}),
+        ("unet", {"backbone": "resnet50"}),
+    ],
+)
 def test_logits_at_input_size_for_odd_sizes(name, kwargs):
     model = models.create_model(name, num_classes=NUM_CLASSES, **{**TINY_KWARGS[name], **kwargs})
     variables = random_variables(model, jnp.zeros((1, 35, 33, 3)))
@@ -83,6 +89,7 @@ def test_bad_arguments_raise_one_clear_error():
 
 # ----------------------------------------------------------------------------- SegNet
 
+
 def test_segnet_decoder_unpools_at_the_encoder_argmax():
     # Record block 1's activation (before pool1), the output of decoder block 2 and the input
     # of decoder block 1: that input must be decoder block 2's output unpooled exactly at
@@ -114,18 +121,28 @@ def test_segnet_decoder_unpools_at_the_encoder_argmax():
     assert seen["decoder2_out"].shape == (1, 18, 17, 4)
     assert float(jnp.mean(seen["decoder2_out"] != 0)) > 0.1  # not a vacuous all-zero check
     np.testing.assert_array_equal(
-        seen["decoder1_in"], pooling.max_unpool(seen["decoder2_out"], indices, (35, 33)))
+        seen["decoder1_in"], pooling.max_unpool(seen["decoder2_out"], indices, (35, 33))
+    )
 
 
 def test_segnet_parameter_count_matches_vgg16_bn_plus_mirrored_decoder():
     tv = _torchvision()
     encoder = sum(p.numel() for p in tv.models.vgg16_bn().features.parameters())
     # Decoder blocks 5..1 (Caffe SegNet): conv+BN+ReLU with bias, then a 3×3 classifier.
-    decoder_convs = [(512, 512), (512, 512), (512, 512),
-                     (512, 512), (512, 512), (512, 256),
-                     (256, 256), (256, 256), (256, 128),
-                     (128, 128), (128, 64),
-                     (64, 64)]
+    decoder_convs = [
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 512),
+        (512, 256),
+        (256, 256),
+        (256, 256),
+        (256, 128),
+        (128, 128),
+        (128, 64),
+        (64, 64),
+    ]
     decoder = sum(_conv_params(i, o, bn=True) for i, o in decoder_convs)
     classifier = _conv_params(64, 21)
     model = models.create_model("segnet", num_classes=21)
@@ -133,20 +150,71 @@ def test_segnet_parameter_count_matches_vgg16_bn_plus_mirrored_decoder():
     assert models.count_params(shapes) == encoder + decoder + classifier == 29_455_125
 
 
-def test_segnet_encoder_loads_torchvision_vgg16_bn_keys():
+def test_segnet_encoder_loads_torchvision_vgg16_bn_files(tmp_path):
+    # The paper's own initialisation: torchvision's vgg16_bn file (its `features`, as built by
+    # torchvision at full size, with non-trivial BN statistics) into the encoder.
+    import torch
+
     tv = _torchvision()
-    state_dict = tv.models.vgg16_bn().state_dict()
+    torch.manual_seed(0)
+    features = tv.models.vgg.make_layers(tv.models.vgg.cfgs["D"], batch_norm=True)
+    with torch.no_grad():
+        for layer in features:
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_mean.normal_()
+                layer.running_var.uniform_(0.5, 1.5)
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state["classifier.6.weight"] = torch.zeros(10, 4)  # an ImageNet classifier entry
+    torch.save(state, tmp_path / "vgg16_bn.pth")
     model = models.create_model("segnet", num_classes=21)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    key_map = segnet.torchvision_segnet_key_map()
-    loaded = models.backbones.torch_state_dict_to_variables(state_dict, key_map, shapes)
-    n_loaded = sum(leaf.size for leaf in jax.tree.leaves(loaded))
-    n_torch = sum(v.numel() for k, v in state_dict.items()
-                  if k.startswith("features.") and not k.endswith("num_batches_tracked"))
-    assert n_loaded == n_torch
+    variables = random_variables(model)
+    loaded, report = weights.load_pretrained_backbone(variables, tmp_path / "vgg16_bn.pth", model)
+
+    flat, before = traverse_util.flatten_dict(loaded), traverse_util.flatten_dict(variables)
+    for path, key in model.pretrained_backbone().key_map().items():
+        assert path[1] == "encoder"
+        value = state[key].numpy()
+        expected = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+        np.testing.assert_array_equal(flat[path], expected)
+    assert len(report.loaded) == 13 * 6 and report.source == "vgg16_bn"
+    for path, value in before.items():  # the decoder and classifier are untouched
+        if path[1] != "encoder":
+            np.testing.assert_array_equal(flat[path], value)
+    assert {name.split("/")[0] for name in report.random} == {
+        "classifier",
+        *(
+            f"conv{b}_{c}_D"
+            for b, c in [
+                (5, 3),
+                (5, 2),
+                (5, 1),
+                (4, 3),
+                (4, 2),
+                (4, 1),
+                (3, 3),
+                (3, 2),
+                (3, 1),
+                (2, 2),
+                (2, 1),
+                (1, 2),
+            ]
+        ),
+    }
+    assert report.unused == ("classifier.6.weight",)
+
+
+def test_unet_paper_encoder_has_no_pretrained_backbone(tmp_path):
+    model = models.create_model("unet", num_classes=2)
+    with pytest.raises(
+        weights.WeightsError,
+        match=r"^U-Net with backbone='unet' has no ImageNet backbone to load "
+        r".*r50.pth into\.$",
+    ):
+        weights.load_pretrained_backbone({}, tmp_path / "r50.pth", model)
 
 
 # ----------------------------------------------------------------------------- U-Net
+
 
 def test_unet_paper_geometry_and_parameter_count():
     model = models.create_model("unet", num_classes=2, padding="valid")
@@ -177,6 +245,6 @@ def test_unet_valid_crops_align_encoder_and_decoder():
     big = _images(1, 204, 204, channels=1)
     variables = random_variables(model, big)
     out_big = _apply(model, variables, big)
-    out_tile = _apply(model, variables, big[:, 16:16 + 188, 16:16 + 188])
+    out_tile = _apply(model, variables, big[:, 16 : 16 + 188, 16 : 16 + 188])
     assert out_big.shape == (1, 20, 20, 2) and out_tile.shape == (1, 4, 4, 2)
     np.testing.assert_allclose(out_tile, out_big[:, 16:20, 16:20], atol=1e-5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from flaxseg.configs import default
-from flaxseg.training import checkpointing, loop
+from flaxseg.training import checkpointing, evaluation, loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
@@ -107,6 +107,14 @@ def test_workdir_of_another_model_is_refused_and_untouched(data_dir, tmp_path):
         ({"crop_size": 0}, r"--crop_size must be a positive integer, got 0"),
         ({"batch_size": -2}, r"--batch_size must be a positive integer, got -2"),
         ({"model_kwargs": "{base_width: 4"}, r"--model_kwargs=.*is not a JSON object"),
+        ({"loss": "cross_entropie"}, r"Unknown loss 'cross_entropie'.*--config.loss.*dice"),
+        ({"loss": "cross_entropy+*dice"}, r"Malformed loss expression 'cross_entropy\+\*dice'"),
+        ({"class_weights": (1.0, 2.0)}, r"--config.class_weights has 2 values but there are 21"),
+        (
+            {"param_groups": ({"pattern": "fc6", "lr_mult": -1.0},)},
+            r"--config.param_groups\[0\] lr_mult must be non-negative",
+        ),
+        ({"lr_schedule": "cosine"}, r"--config.lr_schedule='cosine' is not one of"),
     ],
 )
 def test_bad_settings_get_one_clear_error(data_dir, tmp_path, overrides, message):
@@ -134,7 +142,7 @@ def test_train_and_eval_entry_points(data_dir, tmp_path):
     train = _run(
         [
             "train.py",
-            "--model=fcn8s",
+            "--config=flaxseg/configs/fcn8s_voc.py",
             "--dataset=synthetic",
             f"--data_dir={data_dir}",
             f"--workdir={workdir}",
@@ -146,6 +154,7 @@ def test_train_and_eval_entry_points(data_dir, tmp_path):
         ]
     )
     assert train.returncode == 0, train.stderr[-3000:]
+    assert "frozen: 3 arrays, e.g. upscore2/kernel" in train.stdout  # the recipe's groups
     train_miou = train.stdout.strip().splitlines()[-1]
     evaluate = _run(["eval.py", f"--workdir={workdir}"])
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -163,7 +172,7 @@ def test_train_and_eval_entry_points(data_dir, tmp_path):
             ["train.py", "--model=fcn8s", "--dataset=synthetic", "--crop_size=-1"],
             "--crop_size must be a positive integer",
         ),
-        (["eval.py"], "No checkpoints in"),
+        (["eval.py"], "holds no checkpoints"),
     ],
 )
 def test_entry_points_print_one_line_errors(tmp_path, args, message):
@@ -177,49 +186,51 @@ _DATA_PARALLEL = r"""
 import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flaxseg import models
-from flaxseg.training import loop, optim, state as state_lib, steps
-from flaxseg.configs import default, models as model_configs
+from flaxseg.training import loop, losses, optim, sharding, spec, state as state_lib, steps
+from flaxseg.configs import default
 assert jax.device_count() == 2, jax.devices()
-config = model_configs.resolve(default.get_config())
+config = default.get_config()
+config.num_classes = 5
+config = spec.resolve_config(config)
 config.batch_size = 3
 try:
-        loop.validate_config(config)
-        raise SystemExit("batch_size=3 accepted on 2 devices")
+    spec.validate_config(config)
+    raise SystemExit("batch_size=3 accepted on 2 devices")
 except ValueError as error:
-        assert "not divisible by the 2 devices" in str(error), error
-model = models.create_model("fcn32s", num_classes=5, backbone="vgg16_bn", base_width=4, fc_channels=8)
+    assert "not divisible by the 2 devices" in str(error), error
+model = models.create_model("fcn32s", num_classes=5, backbone="vgg16_bn", base_width=4,
+                            fc_channels=8)
 tx = optim.create_optimizer(learning_rate=0.1)
 state = state_lib.create_train_state(model, tx, jax.random.key(0), (1, 40, 40, 3))
 rng = np.random.default_rng(0)
 batch = {"image": rng.normal(size=(4, 40, 40, 3)).astype(np.float32),
-                  "label": rng.integers(0, 5, (4, 40, 40)).astype(np.int32)}
+         "label": rng.integers(0, 5, (4, 40, 40)).astype(np.int32)}
 batch["label"][:, :3] = 255
 key = jax.random.key(1)
-step = functools.partial(steps.train_step, ignore_label=255)
+ce = losses.build_loss("cross_entropy", num_classes=5)
+step = functools.partial(steps.train_step, loss_fn=ce, ignore_label=255)
 single, m1 = jax.jit(step)(state, batch, key)
-mesh = loop.create_mesh()
-sharded, m2 = loop.jit_train_step(config, mesh)(state, loop.shard_batch(batch, mesh), key)
+mesh = sharding.create_mesh()
+sharded, m2 = loop.jit_train_step(config, mesh)(state, sharding.shard_batch(batch, mesh), key)
 leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats))
 err_mesh = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(single), leaves(sharded)))
 # pmap: each device sees half the batch; BatchNorm batch statistics are then per-device, so compare
 # the gradient-averaging path with a model without BatchNorm.
 plain = models.create_model("fcn32s", num_classes=5, backbone="vgg16", base_width=4, fc_channels=8)
 pstate = state_lib.create_train_state(plain, tx, jax.random.key(0), (1, 40, 40, 3))
-nodrop = lambda s, b, k: steps.train_step(s, b, k, ignore_label=255, axis_name=None)
 replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)
 eval_fn = functools.partial(steps.eval_step, num_classes=5, ignore_label=255)
 cm_single = jax.jit(eval_fn)(pstate, batch)
+halves = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch)
 cm_pmap = jax.pmap(functools.partial(eval_fn, axis_name="d"), axis_name="d")(
-        replicate(pstate),
-        jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch))
+    replicate(pstate), halves)
 assert np.array_equal(np.asarray(cm_single), np.asarray(cm_pmap[0])), (cm_single, cm_pmap[0])
-pm_state, pm_metrics = jax.pmap(functools.partial(steps.train_step, ignore_label=255, axis_name="d"),
-                                                                axis_name="d")(replicate(pstate),
-                                                                                              jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), batch),
-                                                                                              replicate(key))
+pmap_step = functools.partial(steps.train_step, loss_fn=ce, ignore_label=255, axis_name="d")
+pm_state, pm_metrics = jax.pmap(pmap_step, axis_name="d")(replicate(pstate), halves,
+                                                          replicate(key))
 same = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree.leaves(pm_state.params)]
 print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
-                                    "loss_single": float(m1["loss"]), "loss_mesh": float(m2["loss"])}))
+                  "loss_single": float(m1["loss"]), "loss_mesh": float(m2["loss"])}))
 """
 
 
@@ -291,9 +302,46 @@ def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
         model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8}),
     )
     trained = loop.train_and_evaluate(config, tmp_path)
-    at_16 = loop.evaluate_workdir(tmp_path)
-    at_8 = loop.evaluate_workdir(tmp_path, output_stride=8)
+    at_16 = evaluation.evaluate_workdir(tmp_path)
+    at_8 = evaluation.evaluate_workdir(tmp_path, output_stride=8)
     assert at_16["miou"] == pytest.approx(trained["miou"], abs=1e-6)
     assert 0.0 <= at_8["miou"] <= 1.0
     with pytest.raises(ValueError, match="output_stride"):
-        loop.evaluate_workdir(tmp_path, output_stride=12)
+        evaluation.evaluate_workdir(tmp_path, output_stride=12)
+
+
+def test_init_from_copies_matching_parameters_of_another_run(data_dir, tmp_path, capsys):
+    """FCN's staged training: FCN-16s starts from a trained FCN-32s; the new skip starts at 0."""
+    first = tiny_config(data_dir, model="fcn32s", steps=2, checkpoint_every=2)
+    loop.train_and_evaluate(first, tmp_path / "fcn32s")
+    source = checkpointing.restore(
+        checkpointing.create_manager(tmp_path / "fcn32s", read_only=True), 2
+    )["state"]["params"]
+    second = tiny_config(
+        data_dir, model="fcn16s", steps=1, lr=1e-12, init_from=str(tmp_path / "fcn32s")
+    )
+    loop.train_and_evaluate(second, tmp_path / "fcn16s")
+    out = capsys.readouterr().out
+    assert "Initialised" in out and "kept as initialised: score_pool4/" in out
+    params = checkpointing.restore(
+        checkpointing.create_manager(tmp_path / "fcn16s", read_only=True), 1
+    )["state"]["params"]
+    for path in (("fc6", "kernel"), ("score_fr", "kernel"), ("backbone", "features_28", "kernel")):
+        a, b = source, params
+        for key in path:
+            a, b = a[key], b[key]
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+    with pytest.raises(
+        ValueError, match=r"num_classes=21, but this run's fcn16s has num_classes=5"
+    ):
+        loop.train_and_evaluate(
+            tiny_config(
+                data_dir, model="fcn16s", num_classes=5, init_from=str(tmp_path / "fcn32s")
+            ),
+            tmp_path / "other",
+        )
+    with pytest.raises(FileNotFoundError, match=r"--init_from=.*nowhere holds no checkpoints"):
+        loop.train_and_evaluate(
+            tiny_config(data_dir, init_from=str(tmp_path / "nowhere")), tmp_path / "other2"
+        )

@@ -16,7 +16,8 @@ TINY_KWARGS = {
     "deeplabv1": dict(base_width=4, fc_channels=16),
     "deeplabv2": dict(backbone="resnet50", base_width=4),
     "deeplabv3": dict(backbone="resnet50", base_width=4, aspp_channels=8),
-    "deeplabv3plus": dict(backbone="resnet50", base_width=4, aspp_channels=8,
-                          low_level_channels=4, decoder_channels=8),
+    "deeplabv3plus": dict(
+        backbone="resnet50", base_width=4, aspp_channels=8, low_level_channels=4, decoder_channels=8
+    ),
     "fcn_resnet": dict(backbone="resnet50", base_width=4, aux_head=True),
 }

@@ -1,14 +1,17 @@
-"""Default configuration: the standard PASCAL VOC recipe (DeepLab / MMSegmentation).
+"""Default configuration: the standard PASCAL VOC recipe (DeepLab v3 / MMSegmentation).
 
 crop 513, batch 16, SGD momentum 0.9, poly lr 0.007 (power 0.9), weight decay 1e-4 (kernels only),
-30k iterations, random scale 0.5–2.0, horizontal flip. train.py's flags override the common fields;
-everything else is `--config.<field>=<value>`.
+30k iterations, random scale 0.5–2.0, horizontal flip, cross-entropy ignoring label 255.
+
+`python train.py --model=X` trains with this file; `--config=flaxseg/configs/<recipe>.py` picks a
+paper's recipe instead (each recipe starts from this file and changes what its paper changes).
+train.py's flags override the common fields; every field is `--config.<field>=<value>`.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-from flaxseg.constants import IGNORE_LABEL, VOC_NUM_CLASSES
+from flaxseg.constants import IGNORE_LABEL
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,20 +20,23 @@ def get_config() -> ml_collections.ConfigDict:
     # Model.
     config.model = "fcn8s"
     config.backbone = ""  # '' = the model's default backbone
-    config.model_kwargs = (
-        "{}"  # JSON dict of extra constructor arguments, e.g. '{"base_width": 16}'
-    )
+    # JSON dict of extra constructor arguments, e.g. '{"base_width": 16}'. The --model_kwargs
+    # flag is merged into a recipe's dict (flag entries win).
+    config.model_kwargs = "{}"
     config.output_stride = 0  # DeepLab / PSPNet models: 8, 16 or 32; 0 = the model's default
     config.pretrained = ""  # backbone weights file (.pth/.pt/.safetensors; flaxseg.weights)
+    # Workdir of another run whose latest checkpoint initialises every parameter of this model
+    # with the same path and shape (FCN's staged training: 16s from 32s, 8s from 16s).
+    config.init_from = ""
     config.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators. Params stay float32.
-    config.num_classes = VOC_NUM_CLASSES
+    config.num_classes = config_dict.placeholder(int)  # None = the dataset's class count
     # Weight of every auxiliary head's loss; None = the model's default (configs/models.py).
     config.aux_loss_weight = config_dict.placeholder(float)
 
     # Data.
-    config.dataset = "voc2012_aug"
+    config.dataset = "voc2012_aug"  # a name of flaxseg.data.list_datasets()
     config.data_dir = ""  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
-    config.manual_dir = ""  # where VOC/SBD archives or folders are, for offline builds
+    config.manual_dir = ""  # where the archives or their extracted folders are
     config.ignore_label = IGNORE_LABEL
     config.crop_size = 513
     config.min_scale = 0.5
@@ -39,14 +45,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.eval_bucket_multiple = 128
 
+    # Loss: one name of flaxseg.training.losses.list_losses() or a weighted sum such as
+    # 'cross_entropy+0.5*dice'. Auxiliary heads are scored with the same expression.
+    config.loss = "cross_entropy"
+    config.class_weights = ()  # one weight per class; () = unweighted
+    config.label_smoothing = 0.0  # cross_entropy / ohem_cross_entropy
+    config.ohem_thresh = 0.7  # ohem_cross_entropy: keep pixels whose true-class prob < thresh
+    config.ohem_min_kept = 100_000  # ... but at least this many per image (MMSegmentation)
+    config.focal_gamma = 2.0  # focal
+
     # Optimisation.
     config.batch_size = 16  # global batch size over all devices and hosts
     config.steps = 30_000
     config.lr = config_dict.placeholder(float)  # None = the model's default (configs/models.py)
+    config.lr_schedule = "poly"  # 'poly', 'step' (× lr_gamma every lr_step_size) or 'constant'
     config.lr_power = 0.9
+    config.lr_step_size = 0
+    config.lr_gamma = 0.1
     config.warmup_steps = 0
     config.momentum = 0.9
-    config.weight_decay = 1e-4
+    config.weight_decay = 1e-4  # on kernels; biases and BatchNorm parameters get none
+    # Per-parameter rules (Caffe's lr_mult/decay_mult): an ordered tuple of dicts
+    # {'pattern': regex on the parameter path, 'lr_mult': float, 'weight_decay': float};
+    # the first match decides. See flaxseg/training/optim.py.
+    config.param_groups = ()
     config.seed = 0
 
     # Bookkeeping.

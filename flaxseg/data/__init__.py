@@ -14,16 +14,42 @@ flaxseg.training.
 from flaxseg.data import cityscapes, voc  # noqa: F401  (importing registers the builders)
 from flaxseg.data.cityscapes import CityscapesSegmentation
 from flaxseg.data.colormap import colorize, voc_colormap
-from flaxseg.data.pipeline import (create_eval_iterator, create_train_iterator,
-                                   eval_transform, image_sizes, train_transform)
-from flaxseg.data.registry import (DATASETS, SPLITS, DatasetInfo, dataset_info, get_builder,
-                                   get_data_source, list_datasets)
+from flaxseg.data.pipeline import (
+    create_eval_iterator,
+    create_train_iterator,
+    eval_transform,
+    image_sizes,
+    train_transform,
+)
+from flaxseg.data.registry import (
+    DATASETS,
+    SPLITS,
+    DatasetInfo,
+    dataset_info,
+    get_builder,
+    get_data_source,
+    list_datasets,
+)
 from flaxseg.data.synthetic import write_synthetic_voc
 from flaxseg.data.voc import VocSegmentation, synthetic_config
 
 __all__ = [
-    "DATASETS", "SPLITS", "CityscapesSegmentation", "DatasetInfo", "VocSegmentation",
-    "colorize", "create_eval_iterator", "create_train_iterator", "dataset_info",
-    "eval_transform", "get_builder", "get_data_source", "image_sizes", "list_datasets",
-    "synthetic_config", "train_transform", "voc_colormap", "write_synthetic_voc",
+    "DATASETS",
+    "SPLITS",
+    "CityscapesSegmentation",
+    "DatasetInfo",
+    "VocSegmentation",
+    "colorize",
+    "create_eval_iterator",
+    "create_train_iterator",
+    "dataset_info",
+    "eval_transform",
+    "get_builder",
+    "get_data_source",
+    "image_sizes",
+    "list_datasets",
+    "synthetic_config",
+    "train_transform",
+    "voc_colormap",
+    "write_synthetic_voc",
 ]

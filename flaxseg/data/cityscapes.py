@@ -101,20 +101,23 @@ def read_train_ids(path) -> np.ndarray:
     """
     label_ids, mode = voc.read_index_png(path, "Label file")
     if label_ids.ndim != 2 or mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"Label file {path} has PIL mode {mode!r}; expected a single-channel "
-                         "PNG of Cityscapes label ids (the *_gtFine_labelIds.png file).")
+        raise ValueError(
+            f"Label file {path} has PIL mode {mode!r}; expected a single-channel "
+            "PNG of Cityscapes label ids (the *_gtFine_labelIds.png file)."
+        )
     values = np.unique(label_ids)
     bad = values[~np.isin(values, _VALID_STORED_IDS)]
     if bad.size:
-        raise ValueError(f"Label file {path} contains label id {bad[0]}; valid Cityscapes "
-                         f"label ids are 0..{MAX_LABEL_ID} (and 255 for -1).")
+        raise ValueError(
+            f"Label file {path} contains label id {bad[0]}; valid Cityscapes "
+            f"label ids are 0..{MAX_LABEL_ID} (and 255 for -1)."
+        )
     return LABEL_ID_TO_TRAIN_ID[label_ids]
 
 
 def make_example(image_path, label_path) -> dict:
     """The feature dict for one (leftImg8bit PNG, gtFine labelIds PNG) pair."""
-    return voc.make_example(image_path, label_path, read_mask=read_train_ids,
-                            image_format="png")
+    return voc.make_example(image_path, label_path, read_mask=read_train_ids, image_format="png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +137,8 @@ def locate(dl_manager, archive: str, folder: str) -> Path:
     expected = voc.configured_manual_dir(dl_manager)
     raise FileNotFoundError(
         f"Cityscapes data was not found: put {archive} (from {HOMEPAGE}, after registering) "
-        f"at {expected / archive}, or extract it so that {expected / folder} exists.")
+        f"at {expected / archive}, or extract it so that {expected / folder} exists."
+    )
 
 
 def check_archive(archive: Path, folder: str) -> None:
@@ -143,11 +147,14 @@ def check_archive(archive: Path, folder: str) -> None:
         with zipfile.ZipFile(archive) as zip_file:
             has_folder = any(name.startswith(f"{folder}/") for name in zip_file.namelist())
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise ValueError(f"Archive {archive} is not a readable zip file ({error}); download "
-                         "it again.") from error
+        raise ValueError(
+            f"Archive {archive} is not a readable zip file ({error}); download it again."
+        ) from error
     if not has_folder:
-        raise ValueError(f"Archive {archive} has no {folder}/ folder at its root; expected the "
-                         f"official Cityscapes archive of that name.")
+        raise ValueError(
+            f"Archive {archive} has no {folder}/ folder at its root; expected the "
+            f"official Cityscapes archive of that name."
+        )
 
 
 @contextlib.contextmanager
@@ -172,21 +179,27 @@ def split_pairs(image_root, label_root, split_folder: str) -> list:
     if not image_split.is_dir():
         raise FileNotFoundError(f"Image folder {image_split} does not exist.")
     pairs = []
-    for city in sorted((path for path in image_split.iterdir() if path.is_dir()),
-                       key=lambda path: path.name):
-        images = sorted((path for path in city.iterdir()
-                         if path.is_file() and path.name.endswith(IMAGE_SUFFIX)),
-                        key=lambda path: path.name)
+    for city in sorted(
+        (path for path in image_split.iterdir() if path.is_dir()), key=lambda path: path.name
+    ):
+        images = sorted(
+            (
+                path
+                for path in city.iterdir()
+                if path.is_file() and path.name.endswith(IMAGE_SUFFIX)
+            ),
+            key=lambda path: path.name,
+        )
         for image in images:
             stem = image.name.removesuffix(IMAGE_SUFFIX)  # <city>_<seq>_<frame>
             label = label_root / split_folder / city.name / f"{stem}{LABEL_SUFFIX}"
             if not label.is_file():
-                raise FileNotFoundError(f"Label file {label} for image {image} does not "
-                                        "exist.")
+                raise FileNotFoundError(f"Label file {label} for image {image} does not exist.")
             pairs.append((image, label))
     if not pairs:
-        raise FileNotFoundError(f"Image folder {image_split} holds no <city>/*{IMAGE_SUFFIX} "
-                                "files.")
+        raise FileNotFoundError(
+            f"Image folder {image_split} holds no <city>/*{IMAGE_SUFFIX} files."
+        )
     return pairs
 
 
@@ -205,8 +218,8 @@ class CityscapesSegmentation(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(
             name="fine",
-            description="gtFine train (2,975) and val (500) in the 19 train ids, "
-                        "255 = ignore."),
+            description="gtFine train (2,975) and val (500) in the 19 train ids, 255 = ignore.",
+        ),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -220,12 +233,15 @@ class CityscapesSegmentation(tfds.core.GeneratorBasedBuilder):
         # Both are located (and the zips checked) before anything is read.
         images = locate(dl_manager, IMAGE_ARCHIVE, IMAGE_FOLDER)
         labels = locate(dl_manager, LABEL_ARCHIVE, LABEL_FOLDER)
-        return {split: self._generate_examples(images, labels, folder)
-                for split, folder in SPLIT_FOLDERS.items()}
+        return {
+            split: self._generate_examples(images, labels, folder)
+            for split, folder in SPLIT_FOLDERS.items()
+        }
 
     def _generate_examples(self, images: Path, labels: Path, split_folder: str):
-        with open_tree(images, IMAGE_FOLDER) as image_root, \
-                open_tree(labels, LABEL_FOLDER) as label_root:
+        with (
+            open_tree(images, IMAGE_FOLDER) as image_root,
+            open_tree(labels, LABEL_FOLDER) as label_root,
+        ):
             for image, label in split_pairs(image_root, label_root, split_folder):
                 yield image.name.removesuffix(IMAGE_SUFFIX), make_example(image, label)
-

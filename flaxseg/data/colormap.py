@@ -36,5 +36,6 @@ def colorize(label_map: np.ndarray, colormap=None) -> np.ndarray:
     if label_map.min(initial=0) < 0 or label_map.max(initial=0) >= len(colours):
         raise ValueError(
             f"Label values must lie in 0..{len(colours) - 1} to be coloured, got range "
-            f"{label_map.min()}..{label_map.max()}.")
+            f"{label_map.min()}..{label_map.max()}."
+        )
     return colours.astype(np.uint8)[label_map.astype(np.int64)]

@@ -14,10 +14,10 @@ import io
 import math
 
 import grain
-from absl import flags
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
 from flaxseg.constants import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD
@@ -38,8 +38,10 @@ def _as_label_map(mask: np.ndarray) -> np.ndarray:
 
 def _check_pair(image: np.ndarray, mask: np.ndarray) -> None:
     if image.ndim != 3 or image.shape[-1] != 3 or image.shape[:2] != mask.shape:
-        raise ValueError(f"Expected an image [H, W, 3] and a mask [H, W] of the same size, got "
-                         f"{image.shape} and {mask.shape}.")
+        raise ValueError(
+            f"Expected an image [H, W, 3] and a mask [H, W] of the same size, got "
+            f"{image.shape} and {mask.shape}."
+        )
 
 
 def _resize_pair(image: np.ndarray, mask: np.ndarray, scale: float):
@@ -51,9 +53,18 @@ def _resize_pair(image: np.ndarray, mask: np.ndarray, scale: float):
     return image, mask
 
 
-def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *,
-                    crop_size: int, min_scale: float = 0.5, max_scale: float = 2.0,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_label: int = IGNORE_LABEL):
+def train_transform(
+    image: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    crop_size: int,
+    min_scale: float = 0.5,
+    max_scale: float = 2.0,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    ignore_label: int = IGNORE_LABEL,
+):
     """Random scale, pad, random crop and random horizontal flip of one example.
 
     Args:
@@ -78,8 +89,9 @@ def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generato
     out_image = np.zeros((crop_size, crop_size, 3), dtype=np.float32)
     out_label = np.full((crop_size, crop_size), ignore_label, dtype=np.int32)
     out_image[:window_h, :window_w] = _normalise(
-        image[top:top + window_h, left:left + window_w], mean, std)
-    out_label[:window_h, :window_w] = mask[top:top + window_h, left:left + window_w]
+        image[top : top + window_h, left : left + window_w], mean, std
+    )
+    out_label[:window_h, :window_w] = mask[top : top + window_h, left : left + window_w]
     if rng.random() < 0.5:
         out_image, out_label = out_image[:, ::-1], out_label[:, ::-1]
     return np.ascontiguousarray(out_image), np.ascontiguousarray(out_label)
@@ -90,8 +102,15 @@ def bucket_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
     return (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
 
 
-def eval_transform(image: np.ndarray, mask: np.ndarray, shape: tuple[int, int], *,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_label: int = IGNORE_LABEL):
+def eval_transform(
+    image: np.ndarray,
+    mask: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    ignore_label: int = IGNORE_LABEL,
+):
     """Normalises one whole example and pads it bottom/right to `shape` (image 0 = mean
     colour, label `ignore_label`); returns (float32 [Hb, Wb, 3], int32 [Hb, Wb])."""
     mask = _as_label_map(mask)
@@ -110,22 +129,35 @@ def _default_shard(shard_index, shard_count) -> tuple[int, int]:
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"Need 0 <= shard_index < shard_count, got {shard_index} and "
-                         f"{shard_count}.")
+        raise ValueError(
+            f"Need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}."
+        )
     return shard_index, shard_count
 
 
 def _train_example(example: dict, rng: np.random.Generator, **transform_kwargs) -> dict:
-    image, label = train_transform(example["image"], example["segmentation_mask"], rng,
-                                   **transform_kwargs)
+    image, label = train_transform(
+        example["image"], example["segmentation_mask"], rng, **transform_kwargs
+    )
     return {"image": image, "label": label}
 
 
-def create_train_iterator(source, *, batch_size: int, crop_size: int, seed: int,
-                          min_scale: float = 0.5, max_scale: float = 2.0, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD, ignore_label: int = IGNORE_LABEL,
-                          worker_count: int = 0, shard_index: int | None = None,
-                          shard_count: int | None = None, num_threads: int = 4):
+def create_train_iterator(
+    source,
+    *,
+    batch_size: int,
+    crop_size: int,
+    seed: int,
+    min_scale: float = 0.5,
+    max_scale: float = 2.0,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    ignore_label: int = IGNORE_LABEL,
+    worker_count: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 4,
+):
     """An endless, deterministic iterator of augmented training batches.
 
     This host's shard of `source` is shuffled with `seed` (differently in every epoch),
@@ -145,22 +177,35 @@ def create_train_iterator(source, *, batch_size: int, crop_size: int, seed: int,
       num_threads: threads decoding and augmenting examples in each process.
     """
     if batch_size < 1 or crop_size < 1:
-        raise ValueError(f"batch_size and crop_size must be positive, got {batch_size} and "
-                         f"{crop_size}.")
+        raise ValueError(
+            f"batch_size and crop_size must be positive, got {batch_size} and {crop_size}."
+        )
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     if len(source) // shard_count < 1:
-        raise ValueError(f"The source has {len(source)} examples, too few for {shard_count} "
-                         "shards.")
+        raise ValueError(
+            f"The source has {len(source)} examples, too few for {shard_count} shards."
+        )
     dataset = grain.MapDataset.source(source)[shard_index::shard_count]
     dataset = dataset.shuffle(seed=seed).repeat()
     # Per-example generators come from (seed + 1, position in the endless stream): a resumed
     # iterator replays exactly the same augmentations.
     dataset = dataset.random_map(
-        functools.partial(_train_example, crop_size=crop_size, min_scale=min_scale,
-                          max_scale=max_scale, mean=mean, std=std, ignore_label=ignore_label),
-        seed=seed + 1)
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, num_threads)))
+        functools.partial(
+            _train_example,
+            crop_size=crop_size,
+            min_scale=min_scale,
+            max_scale=max_scale,
+            mean=mean,
+            std=std,
+            ignore_label=ignore_label,
+        ),
+        seed=seed + 1,
+    )
+    dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, num_threads)
+        )
+    )
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if worker_count > 0:
         # grain's worker processes read absl flags; outside an absl app (library use,
@@ -181,8 +226,12 @@ def image_sizes(source) -> list[tuple[int, int]]:
     split = getattr(source, "split", None)
     if dataset_info is not None and split is not None:
         raw = tfds.builder_from_directory(dataset_info.data_dir).as_data_source(
-            split=split, decoders={"image": tfds.decode.SkipDecoding(),
-                                   "segmentation_mask": tfds.decode.SkipDecoding()})
+            split=split,
+            decoders={
+                "image": tfds.decode.SkipDecoding(),
+                "segmentation_mask": tfds.decode.SkipDecoding(),
+            },
+        )
         sizes = []
         for index in range(len(raw)):
             with Image.open(io.BytesIO(raw[index]["image"])) as image:  # header only
@@ -191,8 +240,9 @@ def image_sizes(source) -> list[tuple[int, int]]:
     return [tuple(np.asarray(source[i]["image"]).shape[:2]) for i in range(len(source))]
 
 
-def eval_batch_plan(sizes, *, batch_size: int, bucket_multiple: int, shard_index: int,
-                    shard_count: int) -> list[tuple[tuple[int, int], list]]:
+def eval_batch_plan(
+    sizes, *, batch_size: int, bucket_multiple: int, shard_index: int, shard_count: int
+) -> list[tuple[tuple[int, int], list]]:
     """This host's eval batches as (bucket shape, [source index or None for a dummy]).
 
     The plan is made from every host's examples, so all hosts run the same number of
@@ -208,9 +258,9 @@ def eval_batch_plan(sizes, *, batch_size: int, bucket_multiple: int, shard_index
     for shape in sorted(buckets):
         indices = buckets[shape]
         for start in range(0, len(indices), global_batch):
-            chunk = indices[start:start + global_batch]
+            chunk = indices[start : start + global_batch]
             chunk = chunk + [None] * (global_batch - len(chunk))
-            plan.append((shape, chunk[shard_index * batch_size:(shard_index + 1) * batch_size]))
+            plan.append((shape, chunk[shard_index * batch_size : (shard_index + 1) * batch_size]))
     return plan
 
 
@@ -223,15 +273,29 @@ def _eval_batch(planned, *, source, mean, std, ignore_label) -> dict:
         if index is not None:
             example = source[index]
             images[row], labels[row] = eval_transform(
-                example["image"], example["segmentation_mask"], shape, mean=mean, std=std,
-                ignore_label=ignore_label)
+                example["image"],
+                example["segmentation_mask"],
+                shape,
+                mean=mean,
+                std=std,
+                ignore_label=ignore_label,
+            )
     return {"image": images, "label": labels}
 
 
-def create_eval_iterator(source, *, batch_size: int, bucket_multiple: int = 128,
-                         mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_label: int = IGNORE_LABEL,
-                         shard_index: int | None = None, shard_count: int | None = None,
-                         sizes=None, num_threads: int = 4):
+def create_eval_iterator(
+    source,
+    *,
+    batch_size: int,
+    bucket_multiple: int = 128,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    ignore_label: int = IGNORE_LABEL,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    sizes=None,
+    num_threads: int = 4,
+):
     """A finite iterator over whole images, padded and grouped into size buckets.
 
     Each image is padded bottom/right to (ceil(H/m)·m, ceil(W/m)·m), m = bucket_multiple
@@ -246,15 +310,26 @@ def create_eval_iterator(source, *, batch_size: int, bucket_multiple: int = 128,
         when evaluating the same source repeatedly to skip re-reading the sizes.
     """
     if batch_size < 1 or bucket_multiple < 1:
-        raise ValueError(f"batch_size and bucket_multiple must be positive, got {batch_size} "
-                         f"and {bucket_multiple}.")
+        raise ValueError(
+            f"batch_size and bucket_multiple must be positive, got {batch_size} "
+            f"and {bucket_multiple}."
+        )
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     sizes = image_sizes(source) if sizes is None else list(sizes)
     if len(sizes) != len(source):
         raise ValueError(f"Got {len(sizes)} image sizes for a source of {len(source)} examples.")
-    plan = eval_batch_plan(sizes, batch_size=batch_size, bucket_multiple=bucket_multiple,
-                           shard_index=shard_index, shard_count=shard_count)
-    dataset = grain.MapDataset.source(plan).map(functools.partial(
-        _eval_batch, source=source, mean=mean, std=std, ignore_label=ignore_label))
-    return iter(dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))))
+    plan = eval_batch_plan(
+        sizes,
+        batch_size=batch_size,
+        bucket_multiple=bucket_multiple,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    dataset = grain.MapDataset.source(plan).map(
+        functools.partial(_eval_batch, source=source, mean=mean, std=std, ignore_label=ignore_label)
+    )
+    return iter(
+        dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
+        )
+    )

@@ -31,6 +31,7 @@ class DatasetInfo:
       ignore_label: label value that is never trained on or scored.
       homepage, description: for humans.
     """
+
     name: str
     builder: str
     config: str
@@ -47,21 +48,50 @@ class DatasetInfo:
 
 _VOC_HOMEPAGE = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
 
-DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
-    DatasetInfo("voc2012", voc.VocSegmentation.name, "2012", len(VOC_CLASSES), VOC_CLASSES,
-                voc_colormap, homepage=_VOC_HOMEPAGE,
-                description="PASCAL VOC 2012 segmentation: train 1464, validation 1449."),
-    DatasetInfo("voc2012_aug", voc.VocSegmentation.name, "2012_aug", len(VOC_CLASSES),
-                VOC_CLASSES, voc_colormap, homepage=_VOC_HOMEPAGE,
-                description="VOC 2012 with SBD: train_aug 10,582, validation = VOC val 1449."),
-    DatasetInfo("synthetic", voc.VocSegmentation.name, "synthetic", len(VOC_CLASSES),
-                VOC_CLASSES, voc_colormap,
-                description="Generated VOC-layout scenes, 21 VOC classes (no download)."),
-    DatasetInfo("cityscapes", cityscapes.CityscapesSegmentation.name, "fine",
-                cityscapes.NUM_CLASSES, cityscapes.CLASS_NAMES, cityscapes.colormap,
-                homepage=cityscapes.HOMEPAGE,
-                description="Cityscapes gtFine, 19 train ids: train 2975, validation 500."),
-)}
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "voc2012",
+            voc.VocSegmentation.name,
+            "2012",
+            len(VOC_CLASSES),
+            VOC_CLASSES,
+            voc_colormap,
+            homepage=_VOC_HOMEPAGE,
+            description="PASCAL VOC 2012 segmentation: train 1464, validation 1449.",
+        ),
+        DatasetInfo(
+            "voc2012_aug",
+            voc.VocSegmentation.name,
+            "2012_aug",
+            len(VOC_CLASSES),
+            VOC_CLASSES,
+            voc_colormap,
+            homepage=_VOC_HOMEPAGE,
+            description="VOC 2012 with SBD: train_aug 10,582, validation = VOC val 1449.",
+        ),
+        DatasetInfo(
+            "synthetic",
+            voc.VocSegmentation.name,
+            "synthetic",
+            len(VOC_CLASSES),
+            VOC_CLASSES,
+            voc_colormap,
+            description="Generated VOC-layout scenes, 21 VOC classes (no download).",
+        ),
+        DatasetInfo(
+            "cityscapes",
+            cityscapes.CityscapesSegmentation.name,
+            "fine",
+            cityscapes.NUM_CLASSES,
+            cityscapes.CLASS_NAMES,
+            cityscapes.colormap,
+            homepage=cityscapes.HOMEPAGE,
+            description="Cityscapes gtFine, 19 train ids: train 2975, validation 500.",
+        ),
+    )
+}
 
 # Accepted split names → TFDS split names.
 SPLITS = {"train": "train", "validation": "validation", "val": "validation"}
@@ -75,8 +105,9 @@ def list_datasets() -> list[str]:
 def dataset_info(name: str) -> DatasetInfo:
     """The registry row of `name`; ValueError naming the valid names if there is none."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r} (--dataset); valid names are "
-                         f"{', '.join(list_datasets())}.")
+        raise ValueError(
+            f"Unknown dataset {name!r} (--dataset); valid names are {', '.join(list_datasets())}."
+        )
     return DATASETS[name]
 
 
@@ -86,8 +117,9 @@ def get_builder(dataset: str, data_dir: str | None = None) -> tfds.core.DatasetB
     return tfds.builder(f"{info.builder}/{info.config}", data_dir=data_dir)
 
 
-def get_data_source(dataset: str, split: str, data_dir: str | None = None,
-                    manual_dir: str | None = None):
+def get_data_source(
+    dataset: str, split: str, data_dir: str | None = None, manual_dir: str | None = None
+):
     """A random-access source (len(), [i]) of numpy example dicts for `dataset` and `split`.
 
     Builds the dataset as array_record on first use (from `manual_dir` if given, else from
@@ -101,11 +133,11 @@ def get_data_source(dataset: str, split: str, data_dir: str | None = None,
       manual_dir: folder holding the dataset's archives or their extracted folders.
     """
     if split not in SPLITS:
-        raise ValueError(
-            f"Unknown split {split!r}; valid splits are {', '.join(sorted(SPLITS))}.")
+        raise ValueError(f"Unknown split {split!r}; valid splits are {', '.join(sorted(SPLITS))}.")
     builder = get_builder(dataset, data_dir)
     if not builder.is_prepared():
         builder.download_and_prepare(
             file_format="array_record",
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        )
     return builder.as_data_source(split=SPLITS[split])

@@ -30,9 +30,27 @@ from flaxseg.data.colormap import voc_colormap
 
 # One shape family per object class 1..20 (index 0 is background and has no shape).
 SHAPE_FAMILIES = (
-    None, "cross", "ring", "triangle", "trapezoid", "tall_rectangle", "frame", "parallelogram",
-    "ellipse", "star4", "pentagon", "semicircle", "hexagon", "arrow", "l_shape", "star5",
-    "hourglass", "diamond", "t_shape", "crescent", "heart",
+    None,
+    "cross",
+    "ring",
+    "triangle",
+    "trapezoid",
+    "tall_rectangle",
+    "frame",
+    "parallelogram",
+    "ellipse",
+    "star4",
+    "pentagon",
+    "semicircle",
+    "hexagon",
+    "arrow",
+    "l_shape",
+    "star5",
+    "hourglass",
+    "diamond",
+    "t_shape",
+    "crescent",
+    "heart",
 )
 TEXTURES = ("plain", "hstripes", "vstripes", "checks", "dots", "diagonal")
 
@@ -72,18 +90,44 @@ def _polygon(family: str) -> np.ndarray:
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
         return np.stack([x, y], axis=1) / 17.0
     table = {
-        "cross": [(-0.33, -1), (0.33, -1), (0.33, -0.33), (1, -0.33), (1, 0.33), (0.33, 0.33),
-                  (0.33, 1), (-0.33, 1), (-0.33, 0.33), (-1, 0.33), (-1, -0.33),
-                  (-0.33, -0.33)],
+        "cross": [
+            (-0.33, -1),
+            (0.33, -1),
+            (0.33, -0.33),
+            (1, -0.33),
+            (1, 0.33),
+            (0.33, 0.33),
+            (0.33, 1),
+            (-0.33, 1),
+            (-0.33, 0.33),
+            (-1, 0.33),
+            (-1, -0.33),
+            (-0.33, -0.33),
+        ],
         "triangle": [(0, -1), (0.95, 0.8), (-0.95, 0.8)],
         "trapezoid": [(-0.45, -0.6), (0.45, -0.6), (1, 0.6), (-1, 0.6)],
         "tall_rectangle": [(-0.4, -1), (0.4, -1), (0.4, 1), (-0.4, 1)],
         "parallelogram": [(-0.5, -0.6), (1, -0.6), (0.5, 0.6), (-1, 0.6)],
-        "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.25),
-                  (-1, 0.25)],
+        "arrow": [
+            (-1, -0.25),
+            (0.2, -0.25),
+            (0.2, -0.7),
+            (1, 0),
+            (0.2, 0.7),
+            (0.2, 0.25),
+            (-1, 0.25),
+        ],
         "l_shape": [(-0.7, -1), (-0.2, -1), (-0.2, 0.5), (0.8, 0.5), (0.8, 1), (-0.7, 1)],
-        "t_shape": [(-1, -0.9), (1, -0.9), (1, -0.4), (0.25, -0.4), (0.25, 1), (-0.25, 1),
-                    (-0.25, -0.4), (-1, -0.4)],
+        "t_shape": [
+            (-1, -0.9),
+            (1, -0.9),
+            (1, -0.4),
+            (0.25, -0.4),
+            (0.25, 1),
+            (-0.25, 1),
+            (-0.25, -0.4),
+            (-1, -0.4),
+        ],
         "hourglass": [(-0.8, -1), (0.8, -1), (0.12, 0), (0.8, 1), (-0.8, 1), (-0.12, 0)],
         "diamond": [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)],
     }
@@ -101,8 +145,9 @@ def _ellipse_box(centre, rx: float, ry: float):
     return [centre[0] - rx, centre[1] - ry, centre[0] + rx, centre[1] + ry]
 
 
-def shape_mask(family: str, height: int, width: int, centre, radius: float, aspect: float,
-               angle: float) -> np.ndarray:
+def shape_mask(
+    family: str, height: int, width: int, centre, radius: float, aspect: float, angle: float
+) -> np.ndarray:
     """Boolean [height, width] mask of one object of `family`."""
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
@@ -155,7 +200,7 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     start, end = 0.5 * start + 0.5 * start.mean(), 0.5 * end + 0.5 * end.mean()
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    ramp = (np.cos(angle) * xs / width + np.sin(angle) * ys / height)
+    ramp = np.cos(angle) * xs / width + np.sin(angle) * ys / height
     ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
     image = start + ramp[..., None] * (end - start)
     frequency = rng.uniform(0.05, 0.2, size=2)
@@ -173,17 +218,27 @@ def _scene(height: int, width: int, classes, rng: np.random.Generator):
     for order in np.argsort(-radii):
         class_index = int(classes[order])
         centre = (rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height)
-        mask = shape_mask(SHAPE_FAMILIES[class_index], height, width, centre,
-                          radius=float(radii[order]), aspect=rng.uniform(0.75, 1.3),
-                          angle=rng.uniform(-0.35, 0.35))
+        mask = shape_mask(
+            SHAPE_FAMILIES[class_index],
+            height,
+            width,
+            centre,
+            radius=float(radii[order]),
+            aspect=rng.uniform(0.75, 1.3),
+            angle=rng.uniform(-0.35, 0.35),
+        )
         colour = class_colour(class_index) + rng.uniform(-18, 18, size=3)
-        shade = np.where(_texture_pattern(class_texture(class_index), height, width, rng)
-                         [..., None], 0.55 * colour, colour)
+        shade = np.where(
+            _texture_pattern(class_texture(class_index), height, width, rng)[..., None],
+            0.55 * colour,
+            colour,
+        )
         image = np.where(mask[..., None], shade, image)
         label[mask] = class_index
     # Void band: any pixel whose 3x3 neighbourhood holds two labels (two pixels wide).
-    boundary = (ndimage.maximum_filter(label, size=3, mode="nearest")
-                != ndimage.minimum_filter(label, size=3, mode="nearest"))
+    boundary = ndimage.maximum_filter(label, size=3, mode="nearest") != ndimage.minimum_filter(
+        label, size=3, mode="nearest"
+    )
     label[boundary] = IGNORE_LABEL
     image = image + rng.normal(0.0, 5.0, size=image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
@@ -211,8 +266,15 @@ def _jpeg_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_synthetic_voc(root, *, num_train: int = 500, num_val: int = 100,
-                        min_size: int = 96, max_size: int = 160, seed: int = 0) -> Path:
+def write_synthetic_voc(
+    root,
+    *,
+    num_train: int = 500,
+    num_val: int = 100,
+    min_size: int = 96,
+    max_size: int = 160,
+    seed: int = 0,
+) -> Path:
     """Writes a synthetic dataset in the VOC 2012 layout under `root`; returns
     `root/VOCdevkit/VOC2012`.
 
@@ -226,11 +288,13 @@ def write_synthetic_voc(root, *, num_train: int = 500, num_val: int = 100,
     if num_train < 1 or num_val < 1:
         raise ValueError(
             f"write_synthetic_voc needs num_train >= 1 and num_val >= 1, got {num_train} "
-            f"and {num_val}.")
+            f"and {num_val}."
+        )
     if not 16 <= min_size <= max_size:
         raise ValueError(
             f"write_synthetic_voc needs 16 <= min_size <= max_size, got min_size={min_size}, "
-            f"max_size={max_size}.")
+            f"max_size={max_size}."
+        )
     voc_root = Path(root) / "VOCdevkit" / "VOC2012"
     image_dir = voc_root / "JPEGImages"
     mask_dir = voc_root / "SegmentationClass"
@@ -255,5 +319,6 @@ def write_synthetic_voc(root, *, num_train: int = 500, num_val: int = 100,
     (list_dir / "train.txt").write_text("\n".join(ids_by_split["train"]) + "\n")
     (list_dir / "val.txt").write_text("\n".join(ids_by_split["val"]) + "\n")
     (list_dir / "trainval.txt").write_text(
-        "\n".join(ids_by_split["train"] + ids_by_split["val"]) + "\n")
+        "\n".join(ids_by_split["train"] + ids_by_split["val"]) + "\n"
+    )
     return voc_root

@@ -37,8 +37,10 @@ from flaxseg.constants import IGNORE_LABEL, VOC_NUM_CLASSES
 from flaxseg.data import synthetic
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
-SBD_URL = ("http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
-           "semantic_contours/benchmark.tgz")
+SBD_URL = (
+    "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
+    "semantic_contours/benchmark.tgz"
+)
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
 VOC_FOLDER = "VOCdevkit/VOC2012"
@@ -64,6 +66,7 @@ The manual directory is only read; archives are extracted under the download dir
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """Where one upstream dataset comes from."""
+
     title: str
     url: str
     archive: str  # file name of the archive in manual_dir
@@ -73,20 +76,32 @@ class _Source:
 
 def _voc_source() -> _Source:
     # Built on each call so that the module-level URL can be pointed elsewhere (a mirror).
-    return _Source("PASCAL VOC 2012", VOC_URL, VOC_ARCHIVE, VOC_FOLDER,
-                   tuple(f"{VOC_FOLDER}/{sub}" for sub in
-                         ("JPEGImages/", "SegmentationClass/", "ImageSets/Segmentation/")))
+    return _Source(
+        "PASCAL VOC 2012",
+        VOC_URL,
+        VOC_ARCHIVE,
+        VOC_FOLDER,
+        tuple(
+            f"{VOC_FOLDER}/{sub}"
+            for sub in ("JPEGImages/", "SegmentationClass/", "ImageSets/Segmentation/")
+        ),
+    )
 
 
 def _sbd_source() -> _Source:
-    return _Source("SBD (Semantic Boundaries Dataset)", SBD_URL, SBD_ARCHIVE, SBD_FOLDER,
-                   tuple(f"{SBD_FOLDER}/{sub}" for sub in
-                         ("img/", "cls/", "train.txt", "val.txt")))
+    return _Source(
+        "SBD (Semantic Boundaries Dataset)",
+        SBD_URL,
+        SBD_ARCHIVE,
+        SBD_FOLDER,
+        tuple(f"{SBD_FOLDER}/{sub}" for sub in ("img/", "cls/", "train.txt", "val.txt")),
+    )
 
 
 @dataclasses.dataclass(eq=False)
 class VocConfig(tfds.core.BuilderConfig):
     """A `voc_segmentation` config; the synthetic_* fields only matter for source='synthetic'."""
+
     source: str = "voc2012"  # 'voc2012', 'voc2012_aug' or 'synthetic'
     synthetic_num_train: int = 500
     synthetic_num_val: int = 100
@@ -102,11 +117,16 @@ def synthetic_config(name: str = "synthetic", **synthetic_kwargs) -> VocConfig:
     known = {field.name for field in dataclasses.fields(VocConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"synthetic_config got unknown arguments {unknown}; valid ones are "
-                         "num_train, num_val, min_size, max_size, seed.")
-    return VocConfig(name=name, source="synthetic",
-                     description="Synthetic VOC-layout scenes (see flaxseg.data.synthetic).",
-                     **fields)
+        raise ValueError(
+            f"synthetic_config got unknown arguments {unknown}; valid ones are "
+            "num_train, num_val, min_size, max_size, seed."
+        )
+    return VocConfig(
+        name=name,
+        source="synthetic",
+        description="Synthetic VOC-layout scenes (see flaxseg.data.synthetic).",
+        **fields,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,8 +165,9 @@ def read_image(path, encoding_format: str = "jpeg") -> tuple[bytes, tuple[int, i
                 image.convert("RGB").save(buffer, format=encoding_format.upper(), **options)
                 data = buffer.getvalue()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Image file {path} is not a readable {encoding_format.upper()} "
-                         f"({error}).") from error
+        raise ValueError(
+            f"Image file {path} is not a readable {encoding_format.upper()} ({error})."
+        ) from error
     return data, (size[1], size[0])
 
 
@@ -173,8 +194,10 @@ def read_voc_mask(path: Path) -> np.ndarray:
     """
     mask, mode = read_index_png(path)
     if mode not in ("P", "L"):
-        raise ValueError(f"Mask file {path} has PIL mode {mode!r}; expected a palette ('P') "
-                         "PNG of class indices as in VOC SegmentationClass.")
+        raise ValueError(
+            f"Mask file {path} has PIL mode {mode!r}; expected a palette ('P') "
+            "PNG of class indices as in VOC SegmentationClass."
+        )
     return validate_mask(mask, path)
 
 
@@ -190,8 +213,10 @@ def read_sbd_mask(path: Path) -> np.ndarray:
         raise ValueError(f"SBD label file {path} has no GTcls.Segmentation field.")
     mask = np.asarray(contents["GTcls"].Segmentation)
     if mask.ndim != 2:
-        raise ValueError(f"SBD label file {path} holds a Segmentation of shape {mask.shape}; "
-                         "expected a 2-D label map.")
+        raise ValueError(
+            f"SBD label file {path} holds a Segmentation of shape {mask.shape}; "
+            "expected a 2-D label map."
+        )
     return validate_mask(mask, path)
 
 
@@ -200,8 +225,10 @@ def validate_mask(mask: np.ndarray, path: Path) -> np.ndarray:
     values = np.unique(mask)
     bad = values[~np.isin(values, _VALID_LABELS)]
     if bad.size:
-        raise ValueError(f"Mask file {path} contains label value {bad[0]}; valid values are "
-                         f"0..{VOC_NUM_CLASSES - 1} and {IGNORE_LABEL} (void).")
+        raise ValueError(
+            f"Mask file {path} contains label value {bad[0]}; valid values are "
+            f"0..{VOC_NUM_CLASSES - 1} and {IGNORE_LABEL} (void)."
+        )
     return mask.astype(np.uint8)
 
 
@@ -212,8 +239,9 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_example(image_path: Path, mask_path: Path, *, read_mask=None,
-                 image_format: str = "jpeg") -> dict:
+def make_example(
+    image_path: Path, mask_path: Path, *, read_mask=None, image_format: str = "jpeg"
+) -> dict:
     """The feature dict for one (image, mask) pair.
 
     `read_mask(mask_path)` returns the final uint8 [H, W] label map; by default the mask is a
@@ -226,7 +254,8 @@ def make_example(image_path: Path, mask_path: Path, *, read_mask=None,
     if mask.shape != image_size:
         raise ValueError(
             f"Mask file {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-            f"{image_path} is {image_size[1]}x{image_size[0]}.")
+            f"{image_path} is {image_size[1]}x{image_size[0]}."
+        )
     return {
         "image": io.BytesIO(image_bytes),
         "segmentation_mask": io.BytesIO(encode_mask_png(mask)),
@@ -248,8 +277,10 @@ def read_id_list(path: Path) -> list[str]:
 def voc_split_pairs(voc_root: Path, split: str) -> list[tuple[Path, Path]]:
     """(JPEG, mask PNG) paths of VOC `split` ('train' or 'val') under `.../VOCdevkit/VOC2012`."""
     ids = read_id_list(voc_root / "ImageSets" / "Segmentation" / f"{split}.txt")
-    return [(voc_root / "JPEGImages" / f"{i}.jpg", voc_root / "SegmentationClass" / f"{i}.png")
-            for i in ids]
+    return [
+        (voc_root / "JPEGImages" / f"{i}.jpg", voc_root / "SegmentationClass" / f"{i}.png")
+        for i in ids
+    ]
 
 
 def train_aug_ids(voc_train, voc_val, sbd_train, sbd_val) -> list[str]:
@@ -269,11 +300,16 @@ def train_aug_pairs(voc_root: Path, sbd_root: Path) -> list[tuple[Path, Path]]:
     pairs = []
     for image_id in train_aug_ids(voc_train, voc_val, sbd_train, sbd_val):
         if image_id in voc_train_set:
-            pairs.append((voc_root / "JPEGImages" / f"{image_id}.jpg",
-                          voc_root / "SegmentationClass" / f"{image_id}.png"))
+            pairs.append(
+                (
+                    voc_root / "JPEGImages" / f"{image_id}.jpg",
+                    voc_root / "SegmentationClass" / f"{image_id}.png",
+                )
+            )
         else:
-            pairs.append((sbd_root / "img" / f"{image_id}.jpg",
-                          sbd_root / "cls" / f"{image_id}.mat"))
+            pairs.append(
+                (sbd_root / "img" / f"{image_id}.jpg", sbd_root / "cls" / f"{image_id}.mat")
+            )
     return pairs
 
 
@@ -320,8 +356,9 @@ def extract_archive(archive: Path, destination: Path, prefixes: tuple) -> Path:
     try:
         with tarfile.open(archive) as tar:  # detects plain tar and gzip alike
             for member in tar:
-                if (member.isfile() or member.isdir()) and \
-                        _archive_root_name(member.name).startswith(prefixes):
+                if (member.isfile() or member.isdir()) and _archive_root_name(
+                    member.name
+                ).startswith(prefixes):
                     tar.extract(member, staging, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -352,8 +389,11 @@ def locate_source(dl_manager, source: _Source) -> Path:
         if (manual_dir / source.folder).is_dir():
             return manual_dir
         if (manual_dir / source.archive).is_file():
-            return extract_archive(manual_dir / source.archive,
-                                   extract_root / f"flaxseg.{source.archive}", source.members)
+            return extract_archive(
+                manual_dir / source.archive,
+                extract_root / f"flaxseg.{source.archive}",
+                source.members,
+            )
     try:
         _check_reachable(source.url)
         archive = Path(os.fspath(dl_manager.download(source.url)))
@@ -362,7 +402,8 @@ def locate_source(dl_manager, source: _Source) -> Path:
         raise FileNotFoundError(
             f"{source.title} was not found and could not be downloaded from {source.url} "
             f"({error}); put the archive at {expected / source.archive} or extract it so "
-            f"that {expected / source.folder} exists.") from error
+            f"that {expected / source.folder} exists."
+        ) from error
     return extract_archive(archive, extract_root / f"flaxseg.{source.archive}", source.members)
 
 
@@ -374,13 +415,17 @@ def segmentation_features(image_format: str) -> tfds.features.FeaturesDict:
     """The features of every flaxseg segmentation builder: `image` uint8 [H, W, 3] stored as
     `image_format` ('jpeg' or 'png'), `segmentation_mask` uint8 [H, W, 1] (a grayscale PNG of
     the class indices, 255 = ignore), `file_name` (the image file's name)."""
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
-                                     encoding_format=image_format),
-        "segmentation_mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                                 encoding_format="png"),
-        "file_name": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(
+                shape=(None, None, 3), dtype=np.uint8, encoding_format=image_format
+            ),
+            "segmentation_mask": tfds.features.Image(
+                shape=(None, None, 1), dtype=np.uint8, encoding_format="png"
+            ),
+            "file_name": tfds.features.Text(),
+        }
+    )
 
 
 class VocSegmentation(tfds.core.GeneratorBasedBuilder):
@@ -393,11 +438,17 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
-        VocConfig(name="2012", source="voc2012",
-                  description="VOC 2012 SegmentationClass: train 1464, validation 1449."),
-        VocConfig(name="2012_aug", source="voc2012_aug",
-                  description="train_aug (10,582: SBD train+val and VOC train, minus VOC "
-                              "val) for train, VOC 2012 val for validation."),
+        VocConfig(
+            name="2012",
+            source="voc2012",
+            description="VOC 2012 SegmentationClass: train 1464, validation 1449.",
+        ),
+        VocConfig(
+            name="2012_aug",
+            source="voc2012_aug",
+            description="train_aug (10,582: SBD train+val and VOC train, minus VOC "
+            "val) for train, VOC 2012 val for validation.",
+        ),
         synthetic_config("synthetic"),
     ]
 
@@ -413,9 +464,12 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
         if config.source == "synthetic":
             voc_root = synthetic.write_synthetic_voc(
                 Path(os.fspath(dl_manager.download_dir)) / f"synthetic_{config.name}",
-                num_train=config.synthetic_num_train, num_val=config.synthetic_num_val,
-                min_size=config.synthetic_min_size, max_size=config.synthetic_max_size,
-                seed=config.synthetic_seed)
+                num_train=config.synthetic_num_train,
+                num_val=config.synthetic_num_val,
+                min_size=config.synthetic_min_size,
+                max_size=config.synthetic_max_size,
+                seed=config.synthetic_seed,
+            )
         else:
             voc_root = locate_source(dl_manager, _voc_source()) / VOC_FOLDER
         if config.source == "voc2012_aug":

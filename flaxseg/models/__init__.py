@@ -1,10 +1,17 @@
 """flaxseg models: a registry of semantic-segmentation architectures (flax.linen modules).
 
     from flaxseg import models
-    models.list_models()                       # ['fcn16s', 'fcn32s', 'fcn8s', ...]
+    models.list_models()
+    # ['deeplabv1', 'deeplabv2', 'deeplabv3', 'deeplabv3plus', 'fcn16s', 'fcn32s', 'fcn8s',
+    #  'fcn_resnet', 'pspnet', 'refinenet', 'segnet', 'unet']
     model = models.create_model('fcn8s', num_classes=21, backbone='vgg16', dtype=jnp.bfloat16)
     variables = model.init(rng, jnp.zeros((1, H, W, 3)), train=False)
     logits = model.apply(variables, images, train=False)   # [B, H, W, num_classes] float32
+
+Every model is a ``base.SegmentationModel`` (shared argument checks, output stride, backbone
+construction from ``backbones.create``, final resize and cast, auxiliary head, and
+``pretrained_backbone()``, which says what ``flaxseg.weights.load_pretrained_backbone`` can
+initialise). Adding an architecture is one file and one line of the registry below.
 
 Contract shared by every model:
   - NHWC float images of any H, W; logits come back float32 at exactly the input's H, W.
@@ -31,8 +38,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flaxseg.models import (deeplabv1, deeplabv2, deeplabv3, deeplabv3plus, fcn, fcn_resnet,
-                            pspnet, refinenet, segnet, unet)
+from flaxseg.models import (
+    deeplabv1,
+    deeplabv2,
+    deeplabv3,
+    deeplabv3plus,
+    fcn,
+    fcn_resnet,
+    pspnet,
+    refinenet,
+    segnet,
+    unet,
+)
 from flaxseg.models.layers import check_choice
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -70,7 +87,8 @@ def create_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ValueError(
             f"Model {name!r} does not take {', '.join(unknown)}; its arguments are: "
-            f"{', '.join(sorted(accepted - {'num_classes'}))}.")
+            f"{', '.join(sorted(accepted - {'num_classes'}))}."
+        )
     return constructor(num_classes=num_classes, **kwargs)
 
 

@@ -20,24 +20,32 @@ logits go to the ``'aux'`` collection (``layers.sow_aux_logits``).
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
 
-import functools
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import (DILATED_BACKBONES, default_multi_grid,
-                                              make_dilated_backbone)
+from flaxseg.models.backbones import DILATED
 from flaxseg.models.backbones.resnet import torchvision_resnet_key_map
-from flaxseg.models.heads import (ASPP, FCNHead, conv_bn_key_map, scale_atrous_rates,
-                                  torchvision_aspp_key_map, torchvision_fcn_head_key_map)
-from flaxseg.models.layers import (ConvBNAct, Dtype, check_at_least, check_choice,
-                                   check_output_stride, resize_bilinear, sow_aux_logits)
+from flaxseg.models.base import SegmentationModel
+from flaxseg.models.heads import (
+    ASPP,
+    default_multi_grid,
+    scale_atrous_rates,
+    torchvision_aspp_key_map,
+    torchvision_fcn_head_key_map,
+)
+from flaxseg.models.layers import (
+    ConvBNAct,
+    KeyMap,
+    check_choice,
+    conv_bn_key_map,
+    conv_key_map,
+    prefix_key_map,
+)
 
 HEADS = ("paper", "torchvision")
 
 
-class DeepLabV3(nn.Module):
+class DeepLabV3(SegmentationModel):
     """DeepLab v3 (see the module docstring).
 
     Attributes:
@@ -53,7 +61,9 @@ class DeepLabV3(nn.Module):
     ``rngs={'dropout': key}``.
     """
 
-    num_classes: int
+    TITLE = "DeepLab v3"
+    BACKBONES = DILATED
+
     backbone: str = "resnet101"
     output_stride: int | None = None
     multi_grid: tuple[int, ...] | None = None
@@ -62,58 +72,47 @@ class DeepLabV3(nn.Module):
     atrous_rates: tuple[int, ...] = (6, 12, 18)
     aspp_channels: int = 256
     base_width: int = 64
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        check_choice(self.backbone, DILATED_BACKBONES, "backbone", "DeepLab v3")
+    def check_arguments(self) -> None:
         check_choice(self.head, HEADS, "DeepLab v3 head")
-        if self.output_stride is not None:
-            check_output_stride(self.output_stride)
-        check_at_least("num_classes", self.num_classes)
-        super().__post_init__()
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False,
-                 output_stride: int | None = None) -> jax.Array:
+    def __call__(
+        self, images: jax.Array, train: bool = False, output_stride: int | None = None
+    ) -> jax.Array:
         torchvision_head = self.head == "torchvision"
-        output_stride = output_stride or self.output_stride or (8 if torchvision_head else 16)
-        check_output_stride(output_stride)
+        output_stride = self.resolve_output_stride(output_stride, 8 if torchvision_head else 16)
         multi_grid = self.multi_grid or (
-            (1, 1, 1) if torchvision_head else default_multi_grid(self.backbone))
+            (1, 1, 1) if torchvision_head else default_multi_grid(self.backbone)
+        )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        features = make_dilated_backbone(self.backbone, output_stride=output_stride,
-                                         multi_grid=multi_grid, base_width=self.base_width,
-                                         name="backbone", **kw)(images, train)
-        x = ASPP(self.aspp_channels, scale_atrous_rates(self.atrous_rates, 16, output_stride),
-                 dropout_rate=0.5 if torchvision_head else 0.1, name="aspp", **kw)(
-                     features[32], train)
+        features = self.create_backbone(output_stride=output_stride, multi_grid=multi_grid)(
+            images, train
+        )
+        x = ASPP(
+            self.aspp_channels,
+            scale_atrous_rates(self.atrous_rates, 16, output_stride),
+            dropout_rate=0.5 if torchvision_head else 0.1,
+            name="aspp",
+            **kw,
+        )(features[32], train)
         if torchvision_head:
             x = ConvBNAct(self.aspp_channels, 3, name="head_conv", **kw)(x, train)
         x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
-
-        size = images.shape[1:3]
         if self.aux_head:
-            aux = FCNHead(self.num_classes, name="aux_head", **kw)(features[16], train)
-            sow_aux_logits(self, "aux_logits", aux, size)
-        return resize_bilinear(x, size).astype(jnp.float32)
+            self.sow_aux_head(features[16], images, train)
+        return self.finish(x, images)
 
 
-DeepLabV3Torchvision = functools.partial(DeepLabV3, head="torchvision")
-
-
-def torchvision_deeplabv3_key_map(depth: int = 101,
-                                  aux_head: bool = False) -> dict[tuple[str, ...], str]:
+def torchvision_deeplabv3_key_map(depth: int = 101, aux_head: bool = False) -> KeyMap:
     """Flax paths of ``DeepLabV3(head='torchvision', backbone=f'resnet{depth}')`` -> keys of
     torchvision's ``deeplabv3_resnet<depth>`` state dict (``aux_classifier.*`` with
     ``aux_head``)."""
-    key_map = {(path[0], "backbone", *path[1:]): f"backbone.{key}"
-               for path, key in torchvision_resnet_key_map(depth).items()}
+    key_map = prefix_key_map(torchvision_resnet_key_map(depth), ("backbone",), "backbone.")
     key_map.update(torchvision_aspp_key_map(("aspp",), "classifier.0"))
     key_map.update(conv_bn_key_map(("head_conv",), "classifier.1", "classifier.2"))
-    key_map[("params", "classifier", "kernel")] = "classifier.4.weight"
-    key_map[("params", "classifier", "bias")] = "classifier.4.bias"
+    key_map.update(conv_key_map(("classifier",), "classifier.4", bias=True))
     if aux_head:
         key_map.update(torchvision_fcn_head_key_map(("aux_head",), "aux_classifier"))
     return key_map

@@ -20,21 +20,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import default_multi_grid, make_dilated_backbone
-from flaxseg.models.backbones.xception import SeparableConv
-from flaxseg.models.heads import ASPP, scale_atrous_rates
-from flaxseg.models.layers import (BN_EPSILON, ConvBNAct, Dtype, check_at_least, check_choice,
-                                   check_output_stride, resize_bilinear)
-
-BACKBONES = ("resnet50", "resnet101", "xception65")
+from flaxseg.models.backbones import DILATED
+from flaxseg.models.base import PretrainedBackbone, SegmentationModel
+from flaxseg.models.heads import ASPP, default_multi_grid, scale_atrous_rates
+from flaxseg.models.layers import ConvBNAct, SeparableConv, resize_bilinear
 
 
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3Plus(SegmentationModel):
     """DeepLab v3+ (see the module docstring).
 
     Attributes:
       num_classes: output channels.
-      backbone: 'resnet50', 'resnet101' or 'xception65'.
+      backbone: 'resnet50', 'resnet101', 'resnet152' or 'xception65'.
       output_stride: 8, 16 (default) or 32 of the encoder; the decoder always works at stride 4.
         Changes no parameter shape (override per call with ``apply(..., output_stride=8)``).
       multi_grid: last-stage unit rates (default: see the module docstring).
@@ -45,7 +42,9 @@ class DeepLabV3Plus(nn.Module):
     ``train=True`` needs ``mutable=['batch_stats']`` and ``rngs={'dropout': key}``.
     """
 
-    num_classes: int
+    TITLE = "DeepLab v3+"
+    BACKBONES = DILATED
+
     backbone: str = "resnet101"
     output_stride: int = 16
     multi_grid: tuple[int, ...] | None = None
@@ -56,43 +55,42 @@ class DeepLabV3Plus(nn.Module):
     decoder_channels: int = 256
     base_width: int = 64
     num_middle_units: int = 16
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        check_choice(self.backbone, BACKBONES, "backbone", "DeepLab v3+")
-        check_output_stride(self.output_stride)
-        check_at_least("num_classes", self.num_classes)
-        super().__post_init__()
+    def pretrained_backbone(self) -> PretrainedBackbone:
+        return PretrainedBackbone(self.backbone, num_middle_units=self.num_middle_units)
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False,
-                 output_stride: int | None = None) -> jax.Array:
-        output_stride = output_stride or self.output_stride
-        check_output_stride(output_stride)
+    def __call__(
+        self, images: jax.Array, train: bool = False, output_stride: int | None = None
+    ) -> jax.Array:
+        output_stride = self.resolve_output_stride(output_stride)
         xception = self.backbone == "xception65"
         separable = xception if self.separable is None else self.separable
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         extra = {"num_middle_units": self.num_middle_units} if xception else {}
 
-        features = make_dilated_backbone(
-            self.backbone, output_stride=output_stride,
+        features = self.create_backbone(
+            output_stride=output_stride,
             multi_grid=self.multi_grid or default_multi_grid(self.backbone),
-            base_width=self.base_width, name="backbone", **extra, **kw)(images, train)
+            **extra,
+        )(images, train)
         rates = scale_atrous_rates(self.atrous_rates, 16, output_stride)
-        x = ASPP(self.aspp_channels, rates, separable=separable, dropout_rate=0.1, name="aspp",
-                 **kw)(features[32], train)
+        x = ASPP(
+            self.aspp_channels, rates, separable=separable, dropout_rate=0.1, name="aspp", **kw
+        )(features[32], train)
 
         low_level = ConvBNAct(self.low_level_channels, 1, name="low_level_project", **kw)(
-            features[4], train)
+            features[4], train
+        )
         x = resize_bilinear(x, low_level.shape[1:3])
         x = jnp.concatenate([x, low_level], axis=-1)
         for i in range(2):
             if separable:
-                conv = SeparableConv(self.decoder_channels, activation=nn.relu,
-                                     bn_epsilon=BN_EPSILON, name=f"decoder_{i}", **kw)
+                conv = SeparableConv(
+                    self.decoder_channels, activation=nn.relu, name=f"decoder_{i}", **kw
+                )
             else:
                 conv = ConvBNAct(self.decoder_channels, 3, name=f"decoder_{i}", **kw)
             x = conv(x, train)
         x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
-        return resize_bilinear(x, images.shape[1:3]).astype(jnp.float32)
+        return self.finish(x, images)

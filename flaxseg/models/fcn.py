@@ -19,8 +19,12 @@ pooling, torchvision's default, would not). The transposed convs have no bias an
 bilinear interpolation; the paper learns the 2× ones, the released nets keep all of them fixed
 (lr_mult 0), which in flaxseg is the optimizer's choice (mask the ``upscore*`` kernels). The
 score layers (score_fr, score_pool4, score_pool3) start at zero like the reference (Caffe's
-default filler). We use the standard staged nets' unscaled skip scores, not the "at-once"
-variant that multiplies pool4/pool3 by 0.01/0.0001 before scoring.
+default filler).
+
+``at_once=True`` is the "at-once" net (``voc-fcn8s-atonce``, trained end to end instead of
+stage by stage): pool4 and pool3 are multiplied by 0.01 and 0.0001 (fixed Caffe ``Scale``
+layers) before their score layers, so that the skips start small next to the score of fc7. The
+parameters are the staged net's; only the skip inputs are scaled.
 
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
@@ -31,13 +35,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones import AlexNet, VGG16, torchvision_alexnet_key_map
-from flaxseg.models.backbones import torchvision_vgg16_key_map
-from flaxseg.models.layers import (ConvTransposeUpsample, Dtype, check_at_least, check_choice,
-                                   check_one_of, crop_to)
+from flaxseg.models.backbones import VGGS
+from flaxseg.models.base import PretrainedBackbone, SegmentationModel
+from flaxseg.models.layers import ConvTransposeUpsample, check_one_of, crop_to
 
-VGG_BACKBONES = ("vgg16", "vgg16_bn")
-BACKBONES = VGG_BACKBONES + ("alexnet",)
+BACKBONES = VGGS + ("alexnet",)
 
 # (kernel size, crop offset) of the final upsampling, per backbone family and prediction stride.
 _FINAL_UPSAMPLING = {
@@ -47,112 +49,98 @@ _FINAL_UPSAMPLING = {
     ("alexnet", 32): (63, 18),
 }
 _FINAL_UPSAMPLING_NAME = {32: "upscore", 16: "upscore16", 8: "upscore8"}
-# Skip connections in fusion order: (backbone stride, Caffe name, crop offset, 2× upsampler name).
-_SKIPS = ((16, "pool4", 5, "upscore2"), (8, "pool3", 9, "upscore_pool4"))
+# Skip connections in fusion order: (backbone stride, Caffe name, crop offset, 2× upsampler name,
+# the at-once net's input scale).
+_SKIPS = ((16, "pool4", 5, "upscore2", 0.01), (8, "pool3", 9, "upscore_pool4", 0.0001))
 
 
-def _backbone_family(backbone: str) -> str:
-    return "vgg" if backbone in VGG_BACKBONES else backbone
-
-
-def _make_backbone(backbone: str, base_width: int, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
-    if backbone == "alexnet":
-        return AlexNet(base_width=base_width, first_conv_padding=100, ceil_mode=True,
-                       dtype=dtype, param_dtype=param_dtype, name="backbone")
-    return VGG16(base_width=base_width, batchnorm=backbone == "vgg16_bn", first_conv_padding=100,
-                 ceil_mode=True, dtype=dtype, param_dtype=param_dtype, name="backbone")
-
-
-class FCN(nn.Module):
+class FCN(SegmentationModel):
     """FCN with predictions at ``prediction_stride`` 32, 16 or 8 (FCN-32s/16s/8s).
 
     Attributes:
       num_classes: output channels of the logits.
       prediction_stride: 32 (no skips), 16 (+ pool4) or 8 (+ pool4 + pool3).
       backbone: 'vgg16', 'vgg16_bn', or 'alexnet' (prediction_stride 32 only).
+      at_once: scale pool4 by 0.01 and pool3 by 0.0001 before scoring (``voc-fcn8s-atonce``).
       base_width: backbone width knob (64 = the paper's).
       fc_channels: width of fc6/fc7 (4096 = the paper's).
       dropout_rate: dropout after fc6 and fc7; ``train=True`` needs ``rngs={'dropout': key}``
         (and ``mutable=['batch_stats']`` with 'vgg16_bn').
     """
 
-    num_classes: int
+    TITLE = "FCN"
+
     prediction_stride: int = 32
     backbone: str = "vgg16"
+    at_once: bool = False
     base_width: int = 64
     fc_channels: int = 4096
     dropout_rate: float = 0.5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        name = f"FCN-{self.prediction_stride}s"
-        check_one_of("FCN prediction_stride", self.prediction_stride,
-                     tuple(_FINAL_UPSAMPLING_NAME))
-        valid = BACKBONES if self.prediction_stride == 32 else VGG_BACKBONES
-        if self.backbone in BACKBONES and self.backbone not in valid:
+    def check_arguments(self) -> None:
+        check_one_of("FCN prediction_stride", self.prediction_stride, tuple(_FINAL_UPSAMPLING_NAME))
+        if self.backbone == "alexnet" and self.prediction_stride != 32:
             raise ValueError(
-                f"Backbone {self.backbone!r} is only available for FCN-32s, not {name}; use one "
-                f"of {', '.join(map(repr, VGG_BACKBONES))}.")
-        check_choice(self.backbone, valid, "backbone", name)
-        check_at_least("num_classes", self.num_classes)
-        super().__post_init__()
+                f"Backbone 'alexnet' is only available for FCN-32s, not "
+                f"FCN-{self.prediction_stride}s; use one of {', '.join(map(repr, VGGS))}."
+            )
+
+    def valid_backbones(self) -> tuple[str, ...]:
+        return BACKBONES if self.prediction_stride == 32 else VGGS
+
+    def pretrained_backbone(self) -> PretrainedBackbone:
+        return PretrainedBackbone(self.backbone, fc_layers=("fc6", "fc7"))
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        height, width = images.shape[1], images.shape[2]
-        features = _make_backbone(self.backbone, self.base_width, self.dtype,
-                                  self.param_dtype)(images.astype(self.dtype), train)
+        alexnet = self.backbone == "alexnet"
+        # Caffe's geometry: conv1_1 pads 100 and pools round up (see the module docstring).
+        features = self.create_backbone(first_conv_padding=100, pooling="ceil")(
+            images.astype(self.dtype), train
+        )
 
         x = features[32]
-        fc6_kernel = 6 if self.backbone == "alexnet" else 7
-        for name, k in (("fc6", fc6_kernel), ("fc7", 1)):
-            x = nn.Conv(self.fc_channels, (k, k), padding="VALID", dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)(x)
+        for name, k in (("fc6", 6 if alexnet else 7), ("fc7", 1)):
+            x = nn.Conv(
+                self.fc_channels,
+                (k, k),
+                padding="VALID",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
 
-        score_conv = functools.partial(nn.Conv, self.num_classes, (1, 1),
-                                       kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                                       param_dtype=self.param_dtype)
-        upsample = functools.partial(ConvTransposeUpsample, self.num_classes, dtype=self.dtype,
-                                     param_dtype=self.param_dtype)
+        score_conv = functools.partial(
+            nn.Conv,
+            self.num_classes,
+            (1, 1),
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        upsample = functools.partial(
+            ConvTransposeUpsample, self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         score = score_conv(name="score_fr")(x)
 
-        for stride, pool, offset, up_name in _SKIPS:
+        for stride, pool, offset, up_name, at_once_scale in _SKIPS:
             if stride < self.prediction_stride:
                 break
             score = upsample(4, 2, name=up_name)(score)
-            skip = score_conv(name=f"score_{pool}")(features[stride])
+            skip = features[stride] * at_once_scale if self.at_once else features[stride]
+            skip = score_conv(name=f"score_{pool}")(skip)
             score = score + crop_to(skip, offset, offset, score.shape[1], score.shape[2])
 
-        kernel, offset = _FINAL_UPSAMPLING[(_backbone_family(self.backbone),
-                                            self.prediction_stride)]
-        score = upsample(kernel, self.prediction_stride,
-                         name=_FINAL_UPSAMPLING_NAME[self.prediction_stride])(score)
-        return crop_to(score, offset, offset, height, width).astype(jnp.float32)
+        kernel, offset = _FINAL_UPSAMPLING[
+            ("alexnet" if alexnet else "vgg", self.prediction_stride)
+        ]
+        score = upsample(
+            kernel, self.prediction_stride, name=_FINAL_UPSAMPLING_NAME[self.prediction_stride]
+        )(score)
+        return crop_to(score, offset, offset, *images.shape[1:3]).astype(jnp.float32)
 
 
 FCN32s = functools.partial(FCN, prediction_stride=32)
 FCN16s = functools.partial(FCN, prediction_stride=16)
 FCN8s = functools.partial(FCN, prediction_stride=8)
-
-
-def torchvision_fcn_key_map(backbone: str = "vgg16") -> dict[tuple[str, ...], str]:
-    """Flax paths of an FCN -> keys of torchvision's ImageNet classifier (``vgg16()`` etc.).
-
-    Covers the backbone and fc6/fc7 (the classifier's first two Linear layers, folded into
-    7×7/6×6 and 1×1 convs by ``torch_state_dict_to_variables`` given the target shapes); the
-    score and upsampling layers keep their FCN initialisation. Needs base_width 64 and
-    fc_channels 4096.
-    """
-    check_choice(backbone, BACKBONES, "FCN backbone")
-    if backbone == "alexnet":
-        backbone_map, fc6, fc7 = torchvision_alexnet_key_map(), "classifier.1", "classifier.4"
-    else:
-        backbone_map = torchvision_vgg16_key_map(batchnorm=backbone == "vgg16_bn")
-        fc6, fc7 = "classifier.0", "classifier.3"
-    key_map = {(path[0], "backbone") + path[1:]: key for path, key in backbone_map.items()}
-    for name, torch_name in (("fc6", fc6), ("fc7", fc7)):
-        key_map[("params", name, "kernel")] = f"{torch_name}.weight"
-        key_map[("params", name, "bias")] = f"{torch_name}.bias"
-    return key_map

@@ -12,16 +12,15 @@ Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from flaxseg.models.backbones.dilated import RESNET_DEPTHS, make_dilated_backbone
+from flaxseg.models.backbones import RESNETS
 from flaxseg.models.backbones.resnet import torchvision_resnet_key_map
+from flaxseg.models.base import SegmentationModel
 from flaxseg.models.heads import FCNHead, torchvision_fcn_head_key_map
-from flaxseg.models.layers import (Dtype, check_at_least, check_choice, check_output_stride,
-                                   resize_bilinear, sow_aux_logits)
+from flaxseg.models.layers import KeyMap, prefix_key_map
 
 
-class FCNResNet(nn.Module):
+class FCNResNet(SegmentationModel):
     """torchvision's FCN-ResNet (see the module docstring).
 
     Attributes:
@@ -32,43 +31,33 @@ class FCNResNet(nn.Module):
       base_width: ResNet width knob (64 = torchvision's).
     """
 
-    num_classes: int
+    TITLE = "FCN-ResNet"
+    BACKBONES = tuple(RESNETS)
+
     backbone: str = "resnet50"
     output_stride: int = 8
     aux_head: bool = False
     base_width: int = 64
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def __post_init__(self):
-        check_choice(self.backbone, tuple(RESNET_DEPTHS), "backbone", "FCN-ResNet")
-        check_output_stride(self.output_stride)
-        check_at_least("num_classes", self.num_classes)
-        super().__post_init__()
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False,
-                 output_stride: int | None = None) -> jax.Array:
-        output_stride = output_stride or self.output_stride
-        check_output_stride(output_stride)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        features = make_dilated_backbone(self.backbone, output_stride=output_stride,
-                                         multi_grid=(1, 1, 1), base_width=self.base_width,
-                                         name="backbone", **kw)(images, train)
-        size = images.shape[1:3]
-        x = FCNHead(self.num_classes, name="head", **kw)(features[32], train)
+    def __call__(
+        self, images: jax.Array, train: bool = False, output_stride: int | None = None
+    ) -> jax.Array:
+        features = self.create_backbone(output_stride=self.resolve_output_stride(output_stride))(
+            images, train
+        )
+        x = FCNHead(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(
+            features[32], train
+        )
         if self.aux_head:
-            aux = FCNHead(self.num_classes, name="aux_head", **kw)(features[16], train)
-            sow_aux_logits(self, "aux_logits", aux, size)
-        return resize_bilinear(x, size).astype(jnp.float32)
+            self.sow_aux_head(features[16], images, train)
+        return self.finish(x, images)
 
 
-def torchvision_fcn_resnet_key_map(depth: int = 50,
-                                   aux_head: bool = False) -> dict[tuple[str, ...], str]:
+def torchvision_fcn_resnet_key_map(depth: int = 50, aux_head: bool = False) -> KeyMap:
     """Flax paths of ``FCNResNet(backbone=f'resnet{depth}')`` -> keys of torchvision's
     ``fcn_resnet<depth>`` state dict (``aux_classifier.*`` with ``aux_head``)."""
-    key_map = {(path[0], "backbone", *path[1:]): f"backbone.{key}"
-               for path, key in torchvision_resnet_key_map(depth).items()}
+    key_map = prefix_key_map(torchvision_resnet_key_map(depth), ("backbone",), "backbone.")
     key_map.update(torchvision_fcn_head_key_map(("head",), "classifier"))
     if aux_head:
         key_map.update(torchvision_fcn_head_key_map(("aux_head",), "aux_classifier"))

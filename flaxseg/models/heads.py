@@ -1,9 +1,9 @@
-"""Segmentation heads shared by the DeepLab family and the torchvision-compatible models.
+"""Segmentation heads shared by several models.
 
 ``ASPP`` is DeepLab v3's Atrous Spatial Pyramid Pooling (Chen et al. 2017, Sec. 3.3); its module
 names follow torchvision's ``ASPP`` (``convs_0`` ... ``convs_4``, ``project``) so torchvision's
-segmentation checkpoints map onto it directly. ``FCNHead`` is torchvision's ``FCNHead`` (the
-head of ``fcn_resnet*`` and the auxiliary head of its DeepLab v3 models).
+segmentation checkpoints map onto it directly. ``FCNHead`` (3×3 conv + BN + ReLU, dropout,
+classifier) is torchvision's ``FCNHead`` and PSPNet's final and auxiliary heads.
 """
 
 from collections.abc import Sequence
@@ -12,12 +12,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.xception import SeparableConv
-from flaxseg.models.layers import BN_EPSILON, ConvBNAct, Dtype
+from flaxseg.models.layers import (
+    ConvBNAct,
+    Dtype,
+    KeyMap,
+    SeparableConv,
+    conv_bn_key_map,
+    conv_key_map,
+)
 
 
-def scale_atrous_rates(rates: Sequence[int], reference_stride: int,
-                       output_stride: int) -> tuple[int, ...]:
+def default_multi_grid(backbone: str) -> tuple[int, int, int]:
+    """DeepLab v3/v3+'s multi-grid: (1, 2, 4) on ResNets (v3 paper, Table 3's best); none on
+    Xception (the v3+ reference configs set none)."""
+    return (1, 1, 1) if backbone == "xception65" else (1, 2, 4)
+
+
+def scale_atrous_rates(
+    rates: Sequence[int], reference_stride: int, output_stride: int
+) -> tuple[int, ...]:
     """Atrous rates at ``output_stride`` given the paper's at ``reference_stride``.
 
     A rate r at stride s spans r·s input pixels; keeping that field of view means doubling the
@@ -48,8 +61,9 @@ class ImagePooling(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
         batch_statistics_defined = x.shape[0] > 1
-        y = ConvBNAct(self.features, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="pool")(pooled, train=train and batch_statistics_defined)
+        y = ConvBNAct(
+            self.features, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="pool"
+        )(pooled, train=train and batch_statistics_defined)
         return jnp.broadcast_to(y, x.shape[:3] + (self.features,))
 
 
@@ -78,8 +92,9 @@ class ASPP(nn.Module):
         branches = [ConvBNAct(self.features, 1, name="convs_0", **kw)(x, train)]
         for i, rate in enumerate(self.atrous_rates, start=1):
             if self.separable:
-                branch = SeparableConv(self.features, dilation=rate, activation=nn.relu,
-                                       bn_epsilon=BN_EPSILON, name=f"convs_{i}", **kw)
+                branch = SeparableConv(
+                    self.features, dilation=rate, activation=nn.relu, name=f"convs_{i}", **kw
+                )
             else:
                 branch = ConvBNAct(self.features, 3, dilation=rate, name=f"convs_{i}", **kw)
             branches.append(branch(x, train))
@@ -90,58 +105,69 @@ class ASPP(nn.Module):
 
 
 class FCNHead(nn.Module):
-    """torchvision's FCNHead: 3×3 conv to C/4 + BN + ReLU, dropout 0.1, 1×1 conv to classes.
+    """3×3 conv + BN + ReLU, dropout, 1×1 classifier (with bias): torchvision's ``FCNHead``
+    (``fcn_resnet*``'s head, the auxiliary head of its DeepLab v3) and PSPNet's heads.
 
-    [B, H, W, C] -> [B, H, W, num_classes] (not resized). Children ``block`` (conv + bn) and
-    ``classifier`` (1×1 conv with bias).
+    [B, H, W, C] -> [B, H, W, num_classes] (not resized). ``channels`` of the 3×3 conv default
+    to C/4 (torchvision's). Children: the conv + BN ``conv_name`` (torchvision's key maps use
+    'block', PSPNet's variables 'conv') and ``classifier``.
     """
 
     num_classes: int
+    channels: int | None = None
     dropout_rate: float = 0.1
+    conv_name: str = "block"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = ConvBNAct(max(1, x.shape[-1] // 4), 3, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="block")(x, train)
+        channels = self.channels or max(1, x.shape[-1] // 4)
+        y = ConvBNAct(
+            channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name=self.conv_name
+        )(x, train)
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="classifier")(y)
+        return nn.Conv(
+            self.num_classes,
+            (1, 1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="classifier",
+        )(y)
 
 
-def conv_bn_key_map(flax_prefix: tuple[str, ...], torch_conv: str,
-                    torch_bn: str) -> dict[tuple[str, ...], str]:
-    """Key-map entries of a ``ConvBNAct`` at ``flax_prefix`` (torchvision Conv2d + BatchNorm2d)."""
-    return {
-        ("params", *flax_prefix, "conv", "kernel"): f"{torch_conv}.weight",
-        ("params", *flax_prefix, "bn", "scale"): f"{torch_bn}.weight",
-        ("params", *flax_prefix, "bn", "bias"): f"{torch_bn}.bias",
-        ("batch_stats", *flax_prefix, "bn", "mean"): f"{torch_bn}.running_mean",
-        ("batch_stats", *flax_prefix, "bn", "var"): f"{torch_bn}.running_var",
-    }
-
-
-def torchvision_aspp_key_map(flax_prefix: tuple[str, ...], torch_prefix: str,
-                             num_rates: int = 3) -> dict[tuple[str, ...], str]:
+def torchvision_aspp_key_map(
+    flax_prefix: tuple[str, ...], torch_prefix: str, num_rates: int = 3
+) -> KeyMap:
     """Key map of a (non-separable) ``ASPP`` onto torchvision's ``ASPP`` at ``torch_prefix``."""
     key_map = {}
     for i in range(num_rates + 1):
-        key_map.update(conv_bn_key_map((*flax_prefix, f"convs_{i}"), f"{torch_prefix}.convs.{i}.0",
-                                       f"{torch_prefix}.convs.{i}.1"))
+        key_map.update(
+            conv_bn_key_map(
+                (*flax_prefix, f"convs_{i}"),
+                f"{torch_prefix}.convs.{i}.0",
+                f"{torch_prefix}.convs.{i}.1",
+            )
+        )
     pool = num_rates + 1
-    key_map.update(conv_bn_key_map((*flax_prefix, f"convs_{pool}", "pool"),
-                                   f"{torch_prefix}.convs.{pool}.1",
-                                   f"{torch_prefix}.convs.{pool}.2"))
-    key_map.update(conv_bn_key_map((*flax_prefix, "project"), f"{torch_prefix}.project.0",
-                                   f"{torch_prefix}.project.1"))
+    key_map.update(
+        conv_bn_key_map(
+            (*flax_prefix, f"convs_{pool}", "pool"),
+            f"{torch_prefix}.convs.{pool}.1",
+            f"{torch_prefix}.convs.{pool}.2",
+        )
+    )
+    key_map.update(
+        conv_bn_key_map(
+            (*flax_prefix, "project"), f"{torch_prefix}.project.0", f"{torch_prefix}.project.1"
+        )
+    )
     return key_map
 
 
-def torchvision_fcn_head_key_map(flax_prefix: tuple[str, ...],
-                                 torch_prefix: str) -> dict[tuple[str, ...], str]:
+def torchvision_fcn_head_key_map(flax_prefix: tuple[str, ...], torch_prefix: str) -> KeyMap:
     """Key map of ``FCNHead`` onto torchvision's ``FCNHead`` Sequential at ``torch_prefix``."""
-    key_map = conv_bn_key_map((*flax_prefix, "block"), f"{torch_prefix}.0", f"{torch_prefix}.1")
-    key_map[("params", *flax_prefix, "classifier", "kernel")] = f"{torch_prefix}.4.weight"
-    key_map[("params", *flax_prefix, "classifier", "bias")] = f"{torch_prefix}.4.bias"
-    return key_map
+    return {
+        **conv_bn_key_map((*flax_prefix, "block"), f"{torch_prefix}.0", f"{torch_prefix}.1"),
+        **conv_key_map((*flax_prefix, "classifier"), f"{torch_prefix}.4", bias=True),
+    }

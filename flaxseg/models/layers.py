@@ -5,6 +5,7 @@ All arrays are NHWC. Modules keep their parameters in ``param_dtype`` (float32) 
 sizes) follows PyTorch/Caffe conventions so that published weights and crop offsets carry over.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,14 +32,17 @@ OUTPUT_STRIDES = (8, 16, 32)
 # Argument checks shared by every model and backbone, so that a bad argument gives the same one
 # clear sentence everywhere: it names the value and, for a choice, lists the valid ones.
 
+
 def check_choice(value: Any, valid: Sequence[Any], what: str, owner: str | None = None) -> None:
     """Refuse a name outside ``valid``, e.g. ``Unknown backbone 'vgg19' for SegNet; valid
     backbones: 'vgg16_bn'.`` ``what`` may be qualified ("DeepLab v3 head"); its last word names
     the list."""
     if value not in valid:
         where = f" for {owner}" if owner else ""
-        raise ValueError(f"Unknown {what} {value!r}{where}; valid {what.split()[-1]}s: "
-                         f"{', '.join(map(repr, valid))}.")
+        raise ValueError(
+            f"Unknown {what} {value!r}{where}; valid {what.split()[-1]}s: "
+            f"{', '.join(map(repr, valid))}."
+        )
 
 
 def check_one_of(name: str, value: Any, valid: Sequence[Any]) -> None:
@@ -98,36 +102,216 @@ class ConvBNAct(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         pad = self.dilation * (self.kernel_size - 1) // 2 if self.padding is None else self.padding
         use_bias = (not self.use_bn) if self.use_bias is None else self.use_bias
-        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                    strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                    kernel_dilation=(self.dilation, self.dilation), use_bias=use_bias,
-                    kernel_init=self.kernel_init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=(self.dilation, self.dilation),
+            use_bias=use_bias,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
         if self.use_bn:
-            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="bn")(x)
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=BN_MOMENTUM,
+                epsilon=BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="bn",
+            )(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
 
 
-def max_pool(x: Array, window: int, stride: int, ceil_mode: bool = False) -> Array:
-    """Max pooling without padding, with PyTorch/Caffe output sizes.
+class SeparableConv(nn.Module):
+    """Depthwise k×k conv (stride, dilation) → BN → [act] → pointwise 1×1 → BN → [act].
 
-    ``ceil_mode=False``: out = floor((n - window) / stride) + 1 (torchvision's VGG/AlexNet).
-    ``ceil_mode=True``: out = ceil((n - window) / stride) + 1 (Caffe's pooling, which FCN's crop
-    offsets assume); the last window may hang over the edge and sees only real pixels.
+    [B, H, W, C] -> [B, H', W', features], H' = floor((H − 1) / stride) + 1 (padding =
+    dilation·(k − 1) / 2, PyTorch-style symmetric). Children ``conv_dw``, ``bn_dw``, ``conv_pw``,
+    ``bn_pw`` as in timm; the unit of Xception-65 (which sets TF's ``bn_epsilon`` 1e-3) and of
+    DeepLab v3+'s separable ASPP and decoder.
     """
-    pads = []
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    dilation: int = 1
+    activation: Callable[[Array], Array] | None = None
+    bn_epsilon: float = BN_EPSILON
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            kernel_init=he_normal_fan_out(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        act = self.activation or (lambda y: y)
+        k, s, d = self.kernel_size, self.stride, self.dilation
+        pad = d * (k - 1) // 2
+        channels = x.shape[-1]
+        x = conv(
+            channels,
+            (k, k),
+            strides=(s, s),
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=(d, d),
+            feature_group_count=channels,
+            name="conv_dw",
+        )(x)
+        x = act(norm(name="bn_dw")(x))
+        return act(norm(name="bn_pw")(conv(self.features, (1, 1), name="conv_pw")(x)))
+
+
+def call_without_batch_stats_update(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Call the bound submodule ``module`` with its ``'batch_stats'`` read but never written.
+
+    In training its BatchNorms still normalise with the statistics of this batch; only the
+    running averages keep the values they had. DeepLab v2's multi-scale inputs use it so that the
+    shared backbone's statistics move once per step (from the full-scale pass), not once per
+    scale. (``nn.map_variables`` lets the call mutate a view of the collection and writes
+    nothing back.)
+    """
+    call = nn.map_variables(
+        lambda mdl, *a, **k: mdl(*a, **k), "batch_stats", trans_out_fn=lambda _: {}, mutable=True
+    )
+    return call(module, *args, **kwargs)
+
+
+# PyTorch state-dict key maps: {flax variable path, collection first: torch key}. Conv kernels
+# are OIHW there (converted by ``flaxseg.weights``), BatchNorm's scale/bias/mean/var are
+# weight/bias/running_mean/running_var, and ``num_batches_tracked`` has no counterpart.
+KeyMap = dict[tuple[str, ...], str]
+
+
+def conv_key_map(flax_path: Sequence[str], torch_name: str, bias: bool = False) -> KeyMap:
+    """Entries of a conv (or Linear) at ``flax_path`` for torch module ``torch_name``."""
+    key_map = {("params", *flax_path, "kernel"): f"{torch_name}.weight"}
+    if bias:
+        key_map[("params", *flax_path, "bias")] = f"{torch_name}.bias"
+    return key_map
+
+
+def batchnorm_key_map(flax_path: Sequence[str], torch_name: str) -> KeyMap:
+    """Entries of a flax ``BatchNorm`` at ``flax_path`` for a torch ``BatchNorm2d``."""
+    return {
+        ("params", *flax_path, "scale"): f"{torch_name}.weight",
+        ("params", *flax_path, "bias"): f"{torch_name}.bias",
+        ("batch_stats", *flax_path, "mean"): f"{torch_name}.running_mean",
+        ("batch_stats", *flax_path, "var"): f"{torch_name}.running_var",
+    }
+
+
+def conv_bn_key_map(flax_prefix: Sequence[str], torch_conv: str, torch_bn: str) -> KeyMap:
+    """Entries of a ``ConvBNAct`` at ``flax_prefix`` (torch Conv2d without bias + BatchNorm2d)."""
+    return {
+        **conv_key_map((*flax_prefix, "conv"), torch_conv),
+        **batchnorm_key_map((*flax_prefix, "bn"), torch_bn),
+    }
+
+
+def prefix_key_map(key_map: KeyMap, flax_prefix: Sequence[str], torch_prefix: str = "") -> KeyMap:
+    """``key_map`` of a submodule, moved under module path ``flax_prefix`` and torch key prefix
+    ``torch_prefix`` (e.g. a backbone's map inside a model: ``('backbone',)``, ``'backbone.'``)."""
+    return {
+        (collection, *flax_prefix, *rest): torch_prefix + key
+        for (collection, *rest), key in key_map.items()
+    }
+
+
+def pool_output_size(
+    size: int, window: int, stride: int, padding: int = 0, ceil_mode: bool = False
+) -> int:
+    """Output size of a pooling window over ``size`` pixels, as PyTorch and Caffe compute it.
+
+    floor((n + 2p − k) / s) + 1, or with ``ceil_mode`` (Caffe's only mode) ceil(...) + 1 less
+    one when the last window would start in the right padding (both frameworks' rule).
+    """
+    span = size + 2 * padding - window
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and padding and (out - 1) * stride >= size + padding:
+        out -= 1
+    if size < 1 or out < 1:
+        raise ValueError(
+            f"A {window}x{window} pool with stride {stride} and padding {padding} cannot pool a "
+            f"dimension of size {size}."
+        )
+    return out
+
+
+def _pool_padding(
+    x: Array, window: int, stride: int, padding: int, ceil_mode: bool
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    # (padding per spatial axis, output size): padding on the left, and on the right as far as
+    # the last window reaches (a ceil-mode window may hang over the padded edge).
+    pads, sizes = [], []
     for n in x.shape[1:3]:
-        if ceil_mode:
-            out = -(-(n - window) // stride) + 1
-            pads.append((0, max(0, (out - 1) * stride + window - n)))
-        else:
-            pads.append((0, 0))
-    # Padding is filled with -inf by reduce_window's max init value, so it never wins.
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+        out = pool_output_size(n, window, stride, padding, ceil_mode)
+        pads.append((padding, max(0, (out - 1) * stride + window - n - padding)))
+        sizes.append(out)
+    return pads, tuple(sizes)
+
+
+def max_pool(
+    x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False
+) -> Array:
+    """Max pooling of [B, H, W, C] with PyTorch ``MaxPool2d`` / Caffe ``MAX`` semantics.
+
+    Output sizes follow ``pool_output_size``; padding and a ceil-mode overhang never win (they
+    are -inf), so every window takes the maximum of its real pixels. ``ceil_mode=True`` is
+    Caffe's pooling, which FCN's crop offsets and DeepLab's 3×3/2 pools assume.
+    """
+    pads, (out_h, out_w) = _pool_padding(x, window, stride, padding, ceil_mode)
+    # reduce_window pads with max's identity, -inf.
+    y = nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+    return y[:, :out_h, :out_w, :]
+
+
+def avg_pool(
+    x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False
+) -> Array:
+    """Average pooling of [B, H, W, C] with Caffe ``AVE`` semantics.
+
+    Caffe (and PyTorch's ``AvgPool2d(count_include_pad=True)``) sums the real pixels of a
+    window and divides by the window clipped to the *padded* extent [−p, n + p): zero padding
+    counts, the part of a ceil-mode window hanging beyond the padding does not. (DeepLab-LargeFOV's
+    ``pool5a``, 3×3 stride 1 pad 1, thus always divides by 9.)
+    """
+    pads, (out_h, out_w) = _pool_padding(x, window, stride, padding, ceil_mode)
+    # A Python-scalar init makes this lax's reduce_window_sum, which has a gradient (a traced
+    # init array gives the generic reduce_window, which has none).
+    sums = jax.lax.reduce_window(
+        x,
+        0.0,
+        jax.lax.add,
+        (1, window, window, 1),
+        (1, stride, stride, 1),
+        ((0, 0), *pads, (0, 0)),
+    )[:, :out_h, :out_w, :]
+
+    def counts(size: int, out: int) -> np.ndarray:
+        starts = np.arange(out) * stride - padding
+        return np.minimum(starts + window, size + padding) - starts
+
+    divisor = np.outer(counts(x.shape[1], out_h), counts(x.shape[2], out_w))
+    return sums / jnp.asarray(divisor[None, :, :, None], x.dtype)
 
 
 def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
@@ -141,8 +325,9 @@ def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
         raise ValueError(f"resize_bilinear needs a positive target size, got {tuple(size)}.")
     if x.shape[1:3] == (h, w):
         return x
-    return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear",
-                            antialias=False).astype(x.dtype)
+    return jax.image.resize(
+        x, (x.shape[0], h, w, x.shape[3]), method="bilinear", antialias=False
+    ).astype(x.dtype)
 
 
 def _bilinear_weights_1d(kernel_size: int) -> np.ndarray:
@@ -163,7 +348,8 @@ def bilinear_kernel(kernel_size: int, channels: int) -> np.ndarray:
     if kernel_size < 1 or channels < 1:
         raise ValueError(
             f"bilinear_kernel needs kernel_size >= 1 and channels >= 1, got {kernel_size} and "
-            f"{channels}.")
+            f"{channels}."
+        )
     w = _bilinear_weights_1d(kernel_size)
     kernel = np.zeros((kernel_size, kernel_size, channels, channels), np.float32)
     kernel[:, :, np.arange(channels), np.arange(channels)] = np.outer(w, w)[:, :, None]
@@ -183,7 +369,8 @@ def transposed_conv_output_size(size: int, kernel_size: int, stride: int, paddin
     if size < 1 or out < 1:
         raise ValueError(
             f"Transposed convolution with kernel {kernel_size}, stride {stride}, padding "
-            f"{padding} on size {size} gives a non-positive output size {out}.")
+            f"{padding} on size {size} gives a non-positive output size {out}."
+        )
     return out
 
 
@@ -217,13 +404,14 @@ def conv_transpose(x: Array, kernel: Array, stride: int, padding: int) -> Array:
     q_h, q_w = height + taps - 1, width + taps - 1
     padded = jnp.pad(x, ((0, 0), (taps - 1, taps - 1), (taps - 1, taps - 1), (0, 0)))
     patches = jnp.concatenate(
-        [padded[:, i:i + q_h, j:j + q_w, :] for i in range(taps) for j in range(taps)], axis=-1)
+        [padded[:, i : i + q_h, j : j + q_w, :] for i in range(taps) for j in range(taps)], axis=-1
+    )
     y = patches @ kernel.reshape(taps * taps * c_in, s * s * c_out).astype(patches.dtype)
     y = y.reshape(batch, q_h, q_w, s, s, c_out).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(batch, q_h * s, q_w * s, c_out)
     out_h = transposed_conv_output_size(x.shape[1], k, s, p)
     out_w = transposed_conv_output_size(x.shape[2], k, s, p)
-    return y[:, p:p + out_h, p:p + out_w, :]
+    return y[:, p : p + out_h, p : p + out_w, :]
 
 
 class ConvTransposeUpsample(nn.Module):
@@ -256,7 +444,8 @@ class ConvTransposeUpsample(nn.Module):
         if self.bilinear_init and c_in != self.features:
             raise ValueError(
                 f"A bilinear-initialised transposed convolution maps each channel to itself, so "
-                f"it needs as many input channels as features, got {c_in} and {self.features}.")
+                f"it needs as many input channels as features, got {c_in} and {self.features}."
+            )
         init = _bilinear_init if self.bilinear_init else nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, (k, k, c_in, self.features), self.param_dtype)
         y = conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), s, p)
@@ -269,12 +458,19 @@ class ConvTransposeUpsample(nn.Module):
 def crop_to(x: Array, offset_h: int, offset_w: int, height: int, width: int) -> Array:
     """Caffe ``Crop`` layer: the [height, width] window of [B, H, W, C] starting at the offsets."""
     in_h, in_w = x.shape[1], x.shape[2]
-    if (offset_h < 0 or offset_w < 0 or offset_h + height > in_h or offset_w + width > in_w
-            or height < 1 or width < 1):
+    if (
+        offset_h < 0
+        or offset_w < 0
+        or offset_h + height > in_h
+        or offset_w + width > in_w
+        or height < 1
+        or width < 1
+    ):
         raise ValueError(
             f"Crop window {height}x{width} at offset ({offset_h}, {offset_w}) does not fit in a "
-            f"{in_h}x{in_w} feature map.")
-    return x[:, offset_h:offset_h + height, offset_w:offset_w + width, :]
+            f"{in_h}x{in_w} feature map."
+        )
+    return x[:, offset_h : offset_h + height, offset_w : offset_w + width, :]
 
 
 def center_crop(x: Array, height: int, width: int) -> Array:
@@ -296,5 +492,10 @@ def sow_aux_logits(module: nn.Module, name: str, logits: Array, size: Sequence[i
     variables). The entry ``aux[<module path>][name]`` is the array itself, overwritten rather
     than appended to, so a stale 'aux' collection passed back in cannot double-count.
     """
-    module.sow(AUX_COLLECTION, name, resize_bilinear(logits, size).astype(jnp.float32),
-               init_fn=lambda: None, reduce_fn=_keep_latest)
+    module.sow(
+        AUX_COLLECTION,
+        name,
+        resize_bilinear(logits, size).astype(jnp.float32),
+        init_fn=lambda: None,
+        reduce_fn=_keep_latest,
+    )

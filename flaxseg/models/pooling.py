@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxseg.models.layers import pool_output_size
+
 Array = jax.Array
 
 
@@ -31,15 +33,12 @@ def pooled_size(size: int, window: int, ceil_mode: bool = False) -> int:
     fill a window are dropped), ceil((n − k) / k) + 1 with ``ceil_mode`` (the last window may
     hang over the edge and sees only real pixels; every n ≥ 1 pools to at least 1).
     """
-    if ceil_mode:
-        out = -(-(size - window) // window) + 1
-    else:
-        out = (size - window) // window + 1
-    if size < 1 or out < 1:
+    if size < 1 or (size < window and not ceil_mode):
         raise ValueError(
             f"A {window}x{window} max-pool (ceil_mode={ceil_mode}) cannot pool a dimension of "
-            f"size {size}; use a larger input or ceil_mode=True.")
-    return out
+            f"size {size}; use a larger input or ceil_mode=True."
+        )
+    return pool_output_size(size, window, window, ceil_mode=ceil_mode)
 
 
 def _to_windows(x: Array, window: int) -> Array:
@@ -56,8 +55,9 @@ def _from_windows(x: Array, window: int) -> Array:
     return x.reshape(b, oh * window, ow * window, c)
 
 
-def max_pool_with_indices(x: Array, window: int = 2,
-                          ceil_mode: bool = False) -> tuple[Array, Array]:
+def max_pool_with_indices(
+    x: Array, window: int = 2, ceil_mode: bool = False
+) -> tuple[Array, Array]:
     """Max-pool [B, H, W, C] with a ``window``×``window`` kernel and stride ``window``.
 
     Returns ``(pooled, indices)``, both [B, oh, ow, C] with oh = ``pooled_size(H, window,
@@ -72,8 +72,11 @@ def max_pool_with_indices(x: Array, window: int = 2,
     x_win = x[:, :ph, :pw, :]
     # Ceil mode: pad the overhang with -inf. A window's first pixel is always real and ties go
     # to the first maximum, so padding is never selected, even when every real value is -inf.
-    x_win = jnp.pad(x_win, ((0, 0), (0, ph - x_win.shape[1]), (0, pw - x_win.shape[2]), (0, 0)),
-                    constant_values=-jnp.inf)
+    x_win = jnp.pad(
+        x_win,
+        ((0, 0), (0, ph - x_win.shape[1]), (0, pw - x_win.shape[2]), (0, 0)),
+        constant_values=-jnp.inf,
+    )
     windows = _to_windows(x_win, window)  # [B, oh, ow, k·k, C]
 
     # jnp.argmax returns the first maximum (PyTorch's tie rule). PyTorch's kernel also lets
@@ -104,13 +107,15 @@ def max_unpool(x: Array, indices: Array, output_size: Sequence[int], window: int
     if indices.shape != x.shape:
         raise ValueError(
             f"max_unpool needs indices shaped like the pooled values, got {indices.shape} and "
-            f"{x.shape}.")
+            f"{x.shape}."
+        )
     # A floor-mode pool maps n in [o·k, o·k + k − 1] to o cells, a ceil-mode one n in
     # [(o − 1)·k + 1, o·k]; any other size cannot have produced these indices.
     if not all((o - 1) * window < n < (o + 1) * window for n, o in ((h, oh), (w, ow))):
         raise ValueError(
             f"max_unpool output_size {(h, w)} cannot come from a {window}x{window} pool with "
-            f"output {(oh, ow)}.")
+            f"output {(oh, ow)}."
+        )
     rows, cols = indices // w, indices % w
     local_row = rows - jnp.arange(oh, dtype=indices.dtype)[None, :, None, None] * window
     local_col = cols - jnp.arange(ow, dtype=indices.dtype)[None, None, :, None] * window
@@ -126,7 +131,8 @@ def adaptive_bins(size: int, bins: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive-pooling bins: [(floor(i·n/o), ceil((i+1)·n/o)) for i < o]."""
     if size < 1 or bins < 1:
         raise ValueError(
-            f"Adaptive pooling needs a positive input and output size, got {size} and {bins}.")
+            f"Adaptive pooling needs a positive input and output size, got {size} and {bins}."
+        )
     return [((i * size) // bins, -(-((i + 1) * size) // bins)) for i in range(bins)]
 
 
@@ -148,7 +154,8 @@ def adaptive_avg_pool(x: Array, output_size: int | Sequence[int]) -> Array:
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
     rows = jnp.asarray(adaptive_average_matrix(x.shape[1], int(oh)))
     cols = jnp.asarray(adaptive_average_matrix(x.shape[2], int(ow)))
-    y = jnp.einsum("ih,bhwc->biwc", rows, x.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+    y = jnp.einsum(
+        "ih,bhwc->biwc", rows, x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     y = jnp.einsum("jw,biwc->bijc", cols, y, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)

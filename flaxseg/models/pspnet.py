@@ -25,12 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.resnet import ResNet
-from flaxseg.models.layers import (ConvBNAct, Dtype, check_at_least, check_choice,
-                                   check_output_stride, resize_bilinear, sow_aux_logits)
+from flaxseg.models.backbones import RESNETS
+from flaxseg.models.base import PretrainedBackbone, SegmentationModel
+from flaxseg.models.heads import FCNHead
+from flaxseg.models.layers import ConvBNAct, Dtype, resize_bilinear
 from flaxseg.models.pooling import adaptive_avg_pool
-
-BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
 
 
 class PyramidPooling(nn.Module):
@@ -47,37 +46,20 @@ class PyramidPooling(nn.Module):
         branches = [x]
         for b in self.bins:
             y = adaptive_avg_pool(x, b)
-            y = ConvBNAct(reduced, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f"bin{b}")(y, train)
+            y = ConvBNAct(
+                reduced, 1, dtype=self.dtype, param_dtype=self.param_dtype, name=f"bin{b}"
+            )(y, train)
             branches.append(resize_bilinear(y, size))
         return jnp.concatenate(branches, axis=-1)
 
 
-class FCNHead(nn.Module):
-    """3×3 conv + BN + ReLU, dropout, 1×1 classifier (PSPNet's final and auxiliary heads)."""
-
-    num_classes: int
-    channels: int
-    dropout_rate: float = 0.1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = ConvBNAct(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="conv")(x, train)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="classifier")(x)
-
-
-class PSPNet(nn.Module):
+class PSPNet(SegmentationModel):
     """PSPNet on a dilated deep-stem ResNet.
 
     Attributes:
       num_classes: output channels of the logits.
       backbone: 'resnet50', 'resnet101' or 'resnet152'.
-      output_stride: 8 (the paper), 16 or 32.
+      output_stride: 8 (the paper), 16 or 32; changes no parameter shape.
       base_width: the ResNet's width knob (64 = standard); the PPM reduces to C/4 of layer4.
       bins: pyramid bin counts.
       head_channels / aux_channels: widths of the 3×3 convs of the final and auxiliary heads.
@@ -87,7 +69,9 @@ class PSPNet(nn.Module):
     logits) and ``rngs={'dropout': key}``.
     """
 
-    num_classes: int
+    TITLE = "PSPNet"
+    BACKBONES = tuple(RESNETS)
+
     backbone: str = "resnet101"
     output_stride: int = 8
     base_width: int = 64
@@ -96,31 +80,35 @@ class PSPNet(nn.Module):
     aux_channels: int = 256
     aux_head: bool = True
     dropout_rate: float = 0.1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        check_choice(self.backbone, tuple(BACKBONES), "backbone", "PSPNet")
-        check_at_least("num_classes", self.num_classes)
-        check_output_stride(self.output_stride)
+    def check_arguments(self) -> None:
         if not self.bins or any(int(b) != b or b < 1 for b in self.bins):
             raise ValueError(f"bins must be positive integers, got {tuple(self.bins)!r}.")
-        super().__post_init__()
+
+    def pretrained_backbone(self) -> PretrainedBackbone:
+        return PretrainedBackbone(self.backbone, deep_stem=True)
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        size = images.shape[1:3]
-        features = ResNet(depth=BACKBONES[self.backbone], output_stride=self.output_stride,
-                          deep_stem=True, base_width=self.base_width, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="backbone")(images, train)
+    def __call__(
+        self, images: jax.Array, train: bool = False, output_stride: int | None = None
+    ) -> jax.Array:
+        features = self.create_backbone(
+            output_stride=self.resolve_output_stride(output_stride), deep_stem=True
+        )(images, train)
         x = PyramidPooling(tuple(self.bins), self.dtype, self.param_dtype, name="ppm")(
-            features[32], train)
-        logits = FCNHead(self.num_classes, self.head_channels, self.dropout_rate, self.dtype,
-                         self.param_dtype, name="head")(x, train)
+            features[32], train
+        )
+        head = dict(channels=self.head_channels, dropout_rate=self.dropout_rate, conv_name="conv")
+        logits = FCNHead(
+            self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head", **head
+        )(x, train)
         # Built at init so the variables exist; run only in training, where its loss is used.
         if self.aux_head and (train or self.is_initializing()):
-            aux = FCNHead(self.num_classes, self.aux_channels, self.dropout_rate, self.dtype,
-                          self.param_dtype, name="aux_head")(features[16], train)
-            if train:
-                sow_aux_logits(self, "layer3", aux, size)
-        return resize_bilinear(logits, size).astype(jnp.float32)
+            self.sow_aux_head(
+                features[16],
+                images,
+                train,
+                entry="layer3",
+                **{**head, "channels": self.aux_channels},
+            )
+        return self.finish(logits, images)

@@ -34,10 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.resnet import ResNet
-from flaxseg.models.layers import Dtype, check_at_least, check_choice, resize_bilinear
+from flaxseg.models.backbones import RESNETS
+from flaxseg.models.base import SegmentationModel
+from flaxseg.models.layers import Dtype, check_at_least, resize_bilinear
 
-BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
 CRP_STAGES = 4
 # PyTorch's default Conv2d init (kaiming_uniform, a=√5: U(±1/√fan_in)), which the reference
 # ports leave on RefineNet's own convolutions. These sit in BN-free residual sums (RCUs, four
@@ -46,11 +46,17 @@ CRP_STAGES = 4
 TORCH_DEFAULT_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _conv3x3(features: int, use_bias: bool, dtype: Dtype, param_dtype: Dtype,
-             name: str) -> nn.Conv:
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                   kernel_init=TORCH_DEFAULT_CONV_INIT, dtype=dtype, param_dtype=param_dtype,
-                   name=name)
+def _conv3x3(features: int, use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        use_bias=use_bias,
+        kernel_init=TORCH_DEFAULT_CONV_INIT,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
 class ResidualConvUnit(nn.Module):
@@ -80,8 +86,9 @@ class ChainedResidualPooling(nn.Module):
         for stage in range(self.stages):
             # Padding is -inf (reduce_window's max identity), like PyTorch's MaxPool2d(5, 1, 2).
             path = nn.max_pool(path, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2)))
-            path = _conv3x3(x.shape[-1], False, self.dtype, self.param_dtype,
-                            f"conv{stage + 1}")(path)
+            path = _conv3x3(x.shape[-1], False, self.dtype, self.param_dtype, f"conv{stage + 1}")(
+                path
+            )
             x = x + path
         return x
 
@@ -99,21 +106,27 @@ class RefineNetBlock(nn.Module):
     @nn.compact
     def __call__(self, paths: list[jax.Array]) -> jax.Array:
         rcu = functools.partial(ResidualConvUnit, self.dtype, self.param_dtype)
-        adapted = [rcu(name=f"path{i}_rcu2")(rcu(name=f"path{i}_rcu1")(x))
-                   for i, x in enumerate(paths)]
+        adapted = [
+            rcu(name=f"path{i}_rcu2")(rcu(name=f"path{i}_rcu1")(x)) for i, x in enumerate(paths)
+        ]
         if len(adapted) == 1:
             x = adapted[0]
         else:
             size = adapted[0].shape[1:3]
-            x = sum(resize_bilinear(_conv3x3(self.features, False, self.dtype,
-                                             self.param_dtype, f"path{i}_fusion")(y), size)
-                    for i, y in enumerate(adapted))
-        x = ChainedResidualPooling(CRP_STAGES, self.dtype, self.param_dtype,
-                                   name="crp")(nn.relu(x))
+            x = sum(
+                resize_bilinear(
+                    _conv3x3(self.features, False, self.dtype, self.param_dtype, f"path{i}_fusion")(
+                        y
+                    ),
+                    size,
+                )
+                for i, y in enumerate(adapted)
+            )
+        x = ChainedResidualPooling(CRP_STAGES, self.dtype, self.param_dtype, name="crp")(nn.relu(x))
         return rcu(name="output_rcu")(x)
 
 
-class RefineNet(nn.Module):
+class RefineNet(SegmentationModel):
     """4-cascaded multi-path RefineNet.
 
     Attributes:
@@ -126,26 +139,20 @@ class RefineNet(nn.Module):
         ``mutable=['batch_stats']`` (the ResNet's BatchNorm).
     """
 
-    num_classes: int
+    TITLE = "RefineNet"
+    BACKBONES = tuple(RESNETS)
+
     backbone: str = "resnet101"
     base_width: int = 64
     features: int = 256
     dropout_rate: float = 0.5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        check_choice(self.backbone, tuple(BACKBONES), "backbone", "RefineNet")
-        check_at_least("num_classes", self.num_classes)
+    def check_arguments(self) -> None:
         check_at_least("features", self.features)
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        size = images.shape[1:3]
-        stages = ResNet(depth=BACKBONES[self.backbone], output_stride=32,
-                        base_width=self.base_width, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="backbone")(images, train)
+        stages = self.create_backbone()(images, train)
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
         x = None
         for block, stride in ((4, 32), (3, 16), (2, 8), (1, 4)):  # RefineNet-k on stage k
@@ -153,14 +160,14 @@ class RefineNet(nn.Module):
             features = stages[stride]
             if stride >= 16:
                 features = dropout(features)
-            features = _conv3x3(width, False, self.dtype, self.param_dtype,
-                                f"dimred{block}")(features)
+            features = _conv3x3(width, False, self.dtype, self.param_dtype, f"dimred{block}")(
+                features
+            )
             paths = [features] if x is None else [features, x]
-            x = RefineNetBlock(width, self.dtype, self.param_dtype,
-                               name=f"refinenet{block}")(paths)
+            x = RefineNetBlock(width, self.dtype, self.param_dtype, name=f"refinenet{block}")(paths)
         for i in range(2):
             x = ResidualConvUnit(self.dtype, self.param_dtype, name=f"final_rcu{i + 1}")(x)
-        logits = nn.Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)),
-                         kernel_init=TORCH_DEFAULT_CONV_INIT, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="classifier")(dropout(x))
-        return resize_bilinear(logits, size).astype(jnp.float32)
+        logits = _conv3x3(self.num_classes, True, self.dtype, self.param_dtype, "classifier")(
+            dropout(x)
+        )
+        return self.finish(logits, images)

@@ -14,8 +14,9 @@ width:
 
 The per-pixel softmax of the paper lives in the loss. Choices:
   - Encoder modules mirror torchvision's ``vgg16_bn().features`` (``encoder/features_<i>``), so
-    ImageNet weights load with ``torchvision_segnet_key_map``; like torchvision and the
-    reference Caffe net, convolutions keep their bias before BatchNorm.
+    ImageNet weights load with ``flaxseg.weights.load_pretrained_backbone`` (the paper's own
+    initialisation); like torchvision and the reference Caffe net, convolutions keep their bias
+    before BatchNorm.
   - Pools round up by default (``ceil_mode=True``, Caffe's pooling, which the reference used):
     any H, W ≥ 1 works and the last row/column of an odd map keeps its own maximum. With
     ``ceil_mode=False`` (PyTorch's default) inputs need H, W ≥ 32 and unpooling restores the
@@ -28,13 +29,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones import torchvision_vgg16_key_map
-from flaxseg.models.backbones.vgg import VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS
-from flaxseg.models.layers import (BN_EPSILON, BN_MOMENTUM, ConvBNAct, Dtype, check_at_least,
-                                   check_choice, check_rate, he_normal_fan_out)
+from flaxseg.models.backbones.vgg import (
+    VGG16_BLOCK_DEPTHS,
+    VGG16_WIDTH_MULTIPLIERS,
+    conv_layout,
+    conv_relu,
+)
+from flaxseg.models.base import PretrainedBackbone, SegmentationModel
+from flaxseg.models.layers import ConvBNAct, Dtype, check_at_least, check_rate, he_normal_fan_out
 from flaxseg.models.pooling import max_pool_with_indices, max_unpool
 
-BACKBONES = ("vgg16_bn",)
 CENTRAL_BLOCK = 2  # Bayesian SegNet's dropout acts on blocks 3, 4, 5 (indices 2, 3, 4)
 
 
@@ -55,27 +59,28 @@ class SegNetEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         pools = []
-        index = 0  # position in torchvision's Sequential: conv, bn, relu per conv; then pool
-        for block, (depth, mult) in enumerate(zip(VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS)):
-            for _ in range(depth):
-                x = nn.Conv(self.base_width * mult, (3, 3), padding=((1, 1), (1, 1)),
-                            kernel_init=he_normal_fan_out(), dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=f"features_{index}")(x)
-                x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                 epsilon=BN_EPSILON, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=f"features_{index + 1}")(x)
-                x = nn.relu(x)
-                index += 3
+        for block, (convs, mult) in enumerate(
+            zip(conv_layout(batchnorm=True), VGG16_WIDTH_MULTIPLIERS)
+        ):
+            for index in convs:
+                x = conv_relu(
+                    x,
+                    index,
+                    self.base_width * mult,
+                    batchnorm=True,
+                    train=train,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                )
             size = x.shape[1:3]
             x, indices = max_pool_with_indices(x, 2, ceil_mode=self.ceil_mode)
             pools.append((size, indices))
             if block >= CENTRAL_BLOCK:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            index += 1
         return x, pools
 
 
-class SegNet(nn.Module):
+class SegNet(SegmentationModel):
     """SegNet with a VGG16-BN encoder and an index-unpooling decoder.
 
     Attributes:
@@ -91,27 +96,31 @@ class SegNet(nn.Module):
     dropout).
     """
 
-    num_classes: int
+    TITLE = "SegNet"
+    BACKBONES = ("vgg16_bn",)
+
     backbone: str = "vgg16_bn"
     base_width: int = 64
     ceil_mode: bool = True
     dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        check_choice(self.backbone, BACKBONES, "backbone", "SegNet")
-        check_at_least("num_classes", self.num_classes)
+    def check_arguments(self) -> None:
         check_at_least("base_width", self.base_width)
         check_rate("dropout_rate", self.dropout_rate)
-        super().__post_init__()
+
+    def pretrained_backbone(self) -> PretrainedBackbone:
+        return PretrainedBackbone(self.backbone, path=("encoder",))
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        height, width = images.shape[1:3]
-        x, pools = SegNetEncoder(self.base_width, self.ceil_mode, self.dropout_rate, self.dtype,
-                                 self.param_dtype, name="encoder")(images.astype(self.dtype),
-                                                                   train)
+        x, pools = SegNetEncoder(
+            self.base_width,
+            self.ceil_mode,
+            self.dropout_rate,
+            self.dtype,
+            self.param_dtype,
+            name="encoder",
+        )(images.astype(self.dtype), train)
         widths = [self.base_width * m for m in VGG16_WIDTH_MULTIPLIERS]
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
         for block in reversed(range(len(VGG16_BLOCK_DEPTHS))):
@@ -123,23 +132,24 @@ class SegNet(nn.Module):
                     break  # conv1_1_D is the classifier below
                 narrowing = conv == 1
                 features = widths[block - 1] if narrowing else widths[block]
-                x = ConvBNAct(features, 3, use_bias=True, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              name=f"conv{block + 1}_{conv}_D")(x, train)
+                x = ConvBNAct(
+                    features,
+                    3,
+                    use_bias=True,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"conv{block + 1}_{conv}_D",
+                )(x, train)
             if block >= CENTRAL_BLOCK:
                 x = dropout(x)
-        logits = nn.Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)),
-                         kernel_init=he_normal_fan_out(), dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="classifier")(x)
-        assert logits.shape[1:3] == (height, width), (logits.shape, height, width)
-        return logits.astype(jnp.float32)
-
-
-def torchvision_segnet_key_map() -> dict[tuple[str, ...], str]:
-    """Flax paths of ``SegNet`` -> torchvision ``vgg16_bn().features`` keys (ImageNet encoder).
-
-    Use with ``backbones.torch_state_dict_to_variables(vgg16_bn().state_dict(), ...)``; the
-    decoder and classifier keep their initialisation. Needs base_width 64.
-    """
-    return {(path[0], "encoder") + path[1:]: key
-            for path, key in torchvision_vgg16_key_map(batchnorm=True).items()}
+        logits = nn.Conv(
+            self.num_classes,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            kernel_init=he_normal_fan_out(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="classifier",
+        )(x)
+        assert logits.shape[1:3] == images.shape[1:3], (logits.shape, images.shape)
+        return self.finish(logits, images)

@@ -35,14 +35,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones.resnet import ResNet
-from flaxseg.models.layers import (ConvBNAct, ConvTransposeUpsample, Dtype, center_crop,
-                                   check_at_least, check_choice, check_one_of, check_rate,
-                                   max_pool)
+from flaxseg.models.backbones import RESNETS
+from flaxseg.models.base import SegmentationModel
+from flaxseg.models.layers import (
+    ConvBNAct,
+    ConvTransposeUpsample,
+    Dtype,
+    center_crop,
+    check_at_least,
+    check_one_of,
+    check_rate,
+    max_pool,
+)
 
 PADDINGS = ("same", "valid")
-RESNET_BACKBONES = {"resnet50": 50, "resnet101": 101, "resnet152": 152}
-BACKBONES = ("unet",) + tuple(RESNET_BACKBONES)
 LEVELS = 4  # pools in the paper's contracting path
 
 
@@ -67,10 +73,11 @@ def valid_output_size(size: int, levels: int = LEVELS) -> int:
     """
     sizes = _valid_sizes(size, levels)
     if min(sizes) < 1:
-        smallest = next(n for n in range(1, 64 * 2 ** levels) if min(_valid_sizes(n, levels)) > 0)
+        smallest = next(n for n in range(1, 64 * 2**levels) if min(_valid_sizes(n, levels)) > 0)
         raise ValueError(
             f"U-Net with padding='valid' and {levels} levels needs inputs of at least "
-            f"{smallest} px, got {size}; use padding='same' for small inputs.")
+            f"{smallest} px, got {size}; use padding='same' for small inputs."
+        )
     return sizes[-1]
 
 
@@ -85,10 +92,15 @@ class DoubleConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = functools.partial(ConvBNAct, self.features, 3,
-                                 padding=1 if self.padding == "same" else 0,
-                                 use_bn=self.batchnorm, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+        conv = functools.partial(
+            ConvBNAct,
+            self.features,
+            3,
+            padding=1 if self.padding == "same" else 0,
+            use_bn=self.batchnorm,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         return conv(name="conv2")(conv(name="conv1")(x, train), train)
 
 
@@ -101,12 +113,19 @@ class UpConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return ConvTransposeUpsample(self.features, 2, 2, use_bias=True, bilinear_init=False,
-                                     dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="up")(x)
+        return ConvTransposeUpsample(
+            self.features,
+            2,
+            2,
+            use_bias=True,
+            bilinear_init=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="up",
+        )(x)
 
 
-class UNet(nn.Module):
+class UNet(SegmentationModel):
     """U-Net; see the module docstring for the two paddings and the ResNet encoder.
 
     Attributes:
@@ -123,43 +142,43 @@ class UNet(nn.Module):
     with dropout.
     """
 
-    num_classes: int
+    TITLE = "U-Net"
+    BACKBONES = ("unet",) + tuple(RESNETS)
+
     backbone: str = "unet"
     padding: str = "same"
     base_channels: int = 64
     batchnorm: bool | None = None
     dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        check_choice(self.backbone, BACKBONES, "backbone", "U-Net")
+    def check_arguments(self) -> None:
         check_one_of("U-Net padding", self.padding, PADDINGS)
         if self.padding == "valid" and self.backbone != "unet":
             raise ValueError(
                 f"padding='valid' is the paper's unpadded network and needs backbone='unet', "
-                f"got {self.backbone!r}.")
-        check_at_least("num_classes", self.num_classes)
+                f"got {self.backbone!r}."
+            )
         check_at_least("base_channels", self.base_channels)
         check_rate("dropout_rate", self.dropout_rate)
-        super().__post_init__()
 
     @property
     def use_batchnorm(self) -> bool:
         return (self.backbone != "unet") if self.batchnorm is None else self.batchnorm
 
     def _level(self, features: int, name: str) -> DoubleConv:
-        return DoubleConv(features, self.padding, self.use_batchnorm, self.dtype,
-                          self.param_dtype, name=name)
+        return DoubleConv(
+            features, self.padding, self.use_batchnorm, self.dtype, self.param_dtype, name=name
+        )
 
-    def _up(self, x: jax.Array, skip: jax.Array | None, features: int, level: int,
-            train: bool) -> jax.Array:
+    def _up(
+        self, x: jax.Array, skip: jax.Array | None, features: int, level: int, train: bool
+    ) -> jax.Array:
         x = UpConv(features, self.dtype, self.param_dtype, name=f"up{level}")(x)
         if skip is not None:
             if self.padding == "valid":
                 skip = center_crop(skip, x.shape[1], x.shape[2])
             else:
-                x = x[:, :skip.shape[1], :skip.shape[2], :]
+                x = x[:, : skip.shape[1], : skip.shape[2], :]
             x = jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1)
         return self._level(features, f"dec{level}")(x, train)
 
@@ -173,27 +192,33 @@ class UNet(nn.Module):
         if self.backbone == "unet":
             skips = {}
             for level in range(LEVELS):
-                x = self._level(self.base_channels * 2 ** level, f"enc{level}")(x, train)
-                skips[2 ** level] = x
+                x = self._level(self.base_channels * 2**level, f"enc{level}")(x, train)
+                skips[2**level] = x
                 x = max_pool(x, 2, 2, ceil_mode=self.padding == "same")
-            x = self._level(self.base_channels * 2 ** LEVELS, f"enc{LEVELS}")(x, train)
+            x = self._level(self.base_channels * 2**LEVELS, f"enc{LEVELS}")(x, train)
             width_at = lambda stride: self.base_channels * stride  # noqa: E731
         else:
-            features = ResNet(depth=RESNET_BACKBONES[self.backbone],
-                              base_width=self.base_channels, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="backbone")(x, train)
+            features = self.create_backbone(base_width=self.base_channels)(x, train)
             x = features[32]
             skips = {stride: features[stride] for stride in (4, 8, 16)}
             width_at = lambda stride: self.base_channels * stride // 4  # noqa: E731
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
-        stride = 2 ** LEVELS if self.backbone == "unet" else 32
+        stride = 2**LEVELS if self.backbone == "unet" else 32
         while stride > 1:
             stride //= 2
             level = stride.bit_length() - 1
             x = self._up(x, skips.get(stride), width_at(stride), level, train)
         if self.padding == "same":
             x = x[:, :height, :width, :]  # ResNet encoder: no stride-1 skip crops the overhang
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="classifier")(x)
-        return logits.astype(jnp.float32)
+        logits = nn.Conv(
+            self.num_classes,
+            (1, 1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="classifier",
+        )(x)
+        # 'valid' logits cover the input's centre only (the overlap-tile strategy): no resize.
+        return (
+            logits.astype(jnp.float32) if self.padding == "valid" else self.finish(logits, images)
+        )

@@ -3,12 +3,12 @@
 Each checkpoint holds three items:
     * 'state': step, params, batch_stats and optimiser state;
     * 'data':  the input iterator's position (a JSON dict), so an interrupted run resumes exactly;
-    * 'meta':  the model spec (name, num_classes, backbone, keyword arguments) and the run's config, so
-                          eval.py can rebuild the model from the workdir alone and a run with another model cannot
-                          silently overwrite it.
+    * 'meta':  the model spec (name, num_classes, backbone, keyword arguments) and the run's
+               config, so eval.py can rebuild the model from the workdir alone and a run with
+               another model cannot silently overwrite it.
 Retention: the last `keep` checkpoints plus the best one by validation mIoU (saved with metrics).
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed run
-never leaves a half-written checkpoint behind as the latest.
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed
+run never leaves a half-written checkpoint behind as the latest.
 """
 
 from pathlib import Path
@@ -70,7 +70,8 @@ def save(
 
 
 def restore(manager, step: int, abstract_state: Optional[Any] = None) -> dict:
-    """Restores {'state', 'data', 'meta'}; without `abstract_state` the arrays come back as saved."""
+    """Restores {'state', 'data', 'meta'}; without `abstract_state` the arrays come back as
+    saved."""
     state_args = (
         ocp.args.StandardRestore(abstract_state)
         if abstract_state is not None
@@ -83,6 +84,20 @@ def restore(manager, step: int, abstract_state: Optional[Any] = None) -> dict:
         ),
     )
     return {name: restored[name] for name in _ITEMS}
+
+
+def restore_workdir(workdir, which: str = "latest", flag: str = "--workdir") -> tuple[int, dict]:
+    """(step, {'state', 'data', 'meta'}) of checkpoint `which` ('latest', 'best' or a step) of a
+    trained workdir, read-only; one clear error when the workdir holds none."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{flag}={workdir} holds no checkpoints ({directory} does not exist); "
+            "train first with train.py --workdir."
+        )
+    manager = create_manager(workdir, read_only=True)
+    step = resolve_step(manager, which)
+    return step, restore(manager, step)
 
 
 def read_meta(manager, step: int) -> dict:

@@ -18,7 +18,8 @@ def enable_compilation_cache() -> None:
 
 
 def quiet_library_logs() -> None:
-    """Orbax and TFDS log every step at INFO; keep stdout for flaxseg's own lines unless -v asked."""
+    """Orbax and TFDS log every step at INFO; keep stdout for flaxseg's own lines unless -v
+    asked."""
     from absl import flags
 
     if not flags.FLAGS["verbosity"].present:
@@ -35,8 +36,27 @@ def quiet_library_logs() -> None:
     )
 
 
+def apply_overrides(config, overrides: dict):
+    """``config`` with the flags that were given (not None) written over it.
+
+    ``model_kwargs`` is merged into the config's (a recipe's model arguments stay unless the
+    flag names them), everything else replaces the config's value.
+    """
+    from flaxseg.training import spec
+
+    config = config.copy_and_resolve_references()
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name == "model_kwargs":
+            value = spec.merge_model_kwargs(config.model_kwargs, value)
+        config[name] = value
+    return config
+
+
 def run_or_exit(program: str, fn, *args, **kwargs):
-    """Calls fn; an error a user caused (bad flag, path, data, workdir) ends in one line, exit code 2."""
+    """Calls fn; an error a user caused (bad flag, path, data, workdir) ends in one line and
+    exit code 2."""
     try:
         return fn(*args, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

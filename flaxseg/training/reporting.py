@@ -1,9 +1,27 @@
-"""Metric writing: stdout and TensorBoard event files via tensorboardX."""
+"""What a run tells its user: lines on stdout, a progress bar, TensorBoard event files.
+
+Only process 0 speaks and writes, so a many-host run logs once.
+"""
 
 from pathlib import Path
 from typing import Mapping
 
 import jax
+
+
+def say(message: str) -> None:
+    """Print one line (process 0 only), flushed so that it interleaves with the progress bar."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def progress_bar(total: int, initial: int, enabled: bool = True):
+    """A tqdm bar over the training steps, or None (disabled, or not process 0)."""
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 class MetricWriter:
@@ -17,16 +35,14 @@ class MetricWriter:
             self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], log: bool = True) -> None:
-        if log and jax.process_index() == 0:
-            line = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
-            print(f"step {step}: {line}", flush=True)
+        if log:
+            say(
+                f"step {step}: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
+            )
         if self._writer is not None:
             for name, value in scalars.items():
                 self._writer.add_scalar(name, float(value), step)
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

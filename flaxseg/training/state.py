@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax.training import train_state
 
@@ -25,13 +24,6 @@ def create_train_state(model, tx, rng, input_shape) -> TrainState:
         params=variables["params"],
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
-    )
-
-
-def abstract_train_state(model, tx, input_shape) -> TrainState:
-    """Shapes and dtypes of the train state, without allocating it (for restoring checkpoints)."""
-    return jax.eval_shape(
-        lambda rng: create_train_state(model, tx, rng, input_shape), jax.random.key(0)
     )
 
 

@@ -1,14 +1,16 @@
 """Pure train and eval steps: `(state, batch, rng) -> (state, metrics)`.
 
 No host I/O, no Python side effects, static shapes, so each jits once. The same functions run
-    * under `jax.jit` on a device mesh with the batch sharded along 'data' (the main path): the loss is a
-        mean over the global batch, so gradients and BatchNorm batch statistics are global by construction;
-    * under `jax.pmap(..., axis_name=...)`, given `axis_name`: gradients, BatchNorm running statistics and
-        metrics are averaged (the confusion matrix summed) over that axis.
-Configuration (ignore label, auxiliary-loss weight, class count) is bound with functools.partial
-before jitting; nothing is read from a global.
+    * under `jax.jit` on a device mesh with the batch sharded along 'data' (the main path): the
+      loss is a mean over the global batch, so gradients and BatchNorm batch statistics are
+      global by construction;
+    * under `jax.pmap(..., axis_name=...)`, given `axis_name`: gradients, BatchNorm running
+      statistics and metrics are averaged (the confusion matrix summed) over that axis.
+Configuration (the loss function, ignore label, auxiliary-loss weight, class count) is bound with
+functools.partial before jitting; nothing is read from a global.
 """
 
+from collections.abc import Callable
 from typing import Optional
 
 import jax
@@ -16,7 +18,6 @@ import jax.numpy as jnp
 
 from flaxseg import metrics as metrics_lib
 from flaxseg.models.layers import AUX_COLLECTION
-from flaxseg.training.losses import cross_entropy_with_ignore
 
 
 def _variables(params, batch_stats):
@@ -31,22 +32,26 @@ def train_step(
     batch,
     rng,
     *,
+    loss_fn: Callable,
     ignore_label: int,
     aux_loss_weight: float = 0.4,
     axis_name: Optional[str] = None,
 ):
     """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
 
-    `rng` is the run's base dropout key; the step folds in the step number (and the device index under
-    pmap), so a resumed run draws the same dropout masks as an uninterrupted one.
-    Auxiliary logits that a model sows into the 'aux' collection add `aux_loss_weight` × their
-    cross-entropy to the loss.
+    `loss_fn(logits, labels) -> (total, {name: term})` is the configured loss
+    (`flaxseg.training.losses.build_loss`); auxiliary logits that a model sows into the 'aux'
+    collection add `aux_loss_weight` × the same loss of each. Metrics: 'loss' (the optimised
+    total), one entry per loss term of the main output (named after the loss, e.g.
+    'cross_entropy', 'dice'), 'aux_loss' and 'pixel_accuracy'.
+    `rng` is the run's base dropout key; the step folds in the step number (and the device index
+    under pmap), so a resumed run draws the same dropout masks as an uninterrupted one.
     """
     step_rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
-    def loss_fn(params):
+    def objective(params):
         logits, updates = state.apply_fn(
             _variables(params, state.batch_stats),
             batch["image"],
@@ -54,23 +59,23 @@ def train_step(
             mutable=["batch_stats", AUX_COLLECTION],
             rngs={"dropout": step_rng},
         )
-        main_loss, _ = cross_entropy_with_ignore(logits, batch["label"], ignore_label)
+        main_loss, terms = loss_fn(logits, batch["label"])
         aux_losses = [
-            cross_entropy_with_ignore(aux, batch["label"], ignore_label)[0]
+            loss_fn(aux, batch["label"])[0]
             for aux in jax.tree.leaves(updates.get(AUX_COLLECTION, {}))
         ]
         aux_loss = sum(aux_losses) if aux_losses else jnp.zeros((), jnp.float32)
         total = main_loss + aux_loss_weight * aux_loss
-        return total, (updates.get("batch_stats", state.batch_stats), logits, main_loss, aux_loss)
+        return total, (updates.get("batch_stats", state.batch_stats), logits, terms, aux_loss)
 
-    grads, (batch_stats, logits, main_loss, aux_loss) = jax.grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (total, (batch_stats, logits, terms, aux_loss)), grads = jax.value_and_grad(
+        objective, has_aux=True
+    )(state.params)
     valid = batch["label"] != ignore_label
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & valid)
     metrics = {
-        "loss": main_loss + aux_loss_weight * aux_loss,
-        "ce_loss": main_loss,
+        "loss": total,
+        **terms,
         "aux_loss": aux_loss,
         "pixel_accuracy": correct / jnp.maximum(valid.sum(), 1),
     }
@@ -85,7 +90,8 @@ def train_step(
 def eval_step(
     state, batch, *, num_classes: int, ignore_label: int, axis_name: Optional[str] = None
 ):
-    """Confusion matrix [num_classes, num_classes] of the batch (summed over `axis_name` if given)."""
+    """Confusion matrix [num_classes, num_classes] of the batch (summed over `axis_name` if
+    given)."""
     logits = state.apply_fn(
         _variables(state.params, state.batch_stats), batch["image"], train=False
     )

@@ -5,21 +5,31 @@ conv1 11×11 stride 4 (64) → ReLU → 3×3/2 max-pool → conv2 5×5 (192) →
 base_width·(1, 3, 6, 4, 4) (64 gives torchvision's). No LRN and no grouped convs (torchvision
 dropped both). Conv ``features.<i>`` of torchvision is the flax submodule ``features_<i>``.
 
-FCN-AlexNet (Long et al. 2015) sets ``first_conv_padding=100`` and ``ceil_mode=True`` like the
-Caffe reference; the crop geometry is then the same as Caffe's voc-fcn-alexnet (offset 18).
+FCN-AlexNet (Long et al. 2015) sets ``first_conv_padding=100`` and ``pooling='ceil'`` (Caffe's
+rounding) like the Caffe reference; the crop geometry is then the same as Caffe's
+voc-fcn-alexnet (offset 18).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.layers import Dtype, he_normal_fan_out, max_pool
+from flaxseg.models.layers import (
+    Dtype,
+    KeyMap,
+    check_one_of,
+    conv_key_map,
+    he_normal_fan_out,
+    max_pool,
+)
 
 ALEXNET_WIDTH_MULTIPLIERS = (1, 3, 6, 4, 4)
 # (torchvision features index, kernel size, stride, padding) of the five convs.
 _ALEXNET_CONVS = ((0, 11, 4, 2), (3, 5, 1, 2), (6, 3, 1, 1), (8, 3, 1, 1), (10, 3, 1, 1))
 # Convs followed by a 3×3 stride-2 max-pool, and the stride of that pool's output.
 _POOL_STRIDE_AFTER = {0: 8, 3: 16, 10: 32}
+# torchvision's ``classifier`` Linear layers fc6 (on the flattened 6×6 pool5) and fc7.
+TORCHVISION_FC_LAYERS = ("classifier.1", "classifier.4")
 
 
 def alexnet_channels(base_width: int = 64) -> dict[int, int]:
@@ -38,9 +48,13 @@ class AlexNet(nn.Module):
 
     base_width: int = 64
     first_conv_padding: int = 2
-    ceil_mode: bool = False
+    pooling: str = "floor"  # or 'ceil': pooled sizes round down (torchvision) or up (Caffe)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        check_one_of("AlexNet pooling", self.pooling, ("floor", "ceil"))
+        super().__post_init__()
 
     @property
     def out_channels(self) -> dict[int, int]:
@@ -53,26 +67,31 @@ class AlexNet(nn.Module):
         for (index, k, stride, pad), mult in zip(_ALEXNET_CONVS, ALEXNET_WIDTH_MULTIPLIERS):
             if index == 0:
                 pad = self.first_conv_padding
-            x = nn.Conv(self.base_width * mult, (k, k), strides=(stride, stride),
-                        padding=((pad, pad), (pad, pad)), kernel_init=he_normal_fan_out(),
-                        dtype=self.dtype, param_dtype=self.param_dtype,
-                        name=f"features_{index}")(x)
+            x = nn.Conv(
+                self.base_width * mult,
+                (k, k),
+                strides=(stride, stride),
+                padding=((pad, pad), (pad, pad)),
+                kernel_init=he_normal_fan_out(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"features_{index}",
+            )(x)
             x = nn.relu(x)
             if index == 0:
                 features[4] = x
             if index in _POOL_STRIDE_AFTER:
-                x = max_pool(x, 3, 2, ceil_mode=self.ceil_mode)
+                x = max_pool(x, 3, 2, ceil_mode=self.pooling == "ceil")
                 features[_POOL_STRIDE_AFTER[index]] = x
         return features
 
 
-def torchvision_alexnet_key_map() -> dict[tuple[str, ...], str]:
+def torchvision_alexnet_key_map() -> KeyMap:
     """Map flax variable paths of ``AlexNet`` to torchvision ``alexnet().features`` keys.
 
     ``('params', 'features_0', 'kernel') -> 'features.0.weight'`` (OIHW -> HWIO on load), etc.
     """
     key_map = {}
     for index, *_ in _ALEXNET_CONVS:
-        key_map[("params", f"features_{index}", "kernel")] = f"features.{index}.weight"
-        key_map[("params", f"features_{index}", "bias")] = f"features.{index}.bias"
+        key_map.update(conv_key_map((f"features_{index}",), f"features.{index}", bias=True))
     return key_map

@@ -29,10 +29,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.layers import (BN_EPSILON, BN_MOMENTUM, Dtype, check_at_least, check_one_of,
-                                   check_output_stride, he_normal_fan_out)
+from flaxseg.models.layers import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    Dtype,
+    KeyMap,
+    batchnorm_key_map,
+    check_at_least,
+    check_one_of,
+    check_output_stride,
+    conv_key_map,
+    he_normal_fan_out,
+)
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# Backbone names -> depth: the one table of the ResNets flaxseg builds.
+RESNETS = {f"resnet{depth}": depth for depth in STAGE_SIZES}
+# Torch keys of either stem (torchvision's 7×7 conv1/bn1, MMSegmentation's deep ``stem.*``): a
+# file with the other stem leaves the model's stem random.
+STEM_KEY_PREFIXES = ("conv1.", "bn1.", "stem.")
 EXPANSION = 4  # bottleneck output channels / 3×3 conv channels
 # Deep-stem convs as (torchvision-style index of the conv, channels at base_width 64, stride);
 # the BatchNorm of conv i is at i + 1 and its ReLU at i + 2, as in MMSegmentation's Sequential.
@@ -42,16 +57,21 @@ _DEEP_STEM = ((0, 32, 2), (3, 32, 1), (6, 64, 1))
 def resnet_channels(depth: int = 101, base_width: int = 64) -> dict[int, int]:
     """Channels of the feature maps ``ResNet`` returns, keyed by nominal stride."""
     _check_depth(depth)
-    return {4: base_width * EXPANSION, 8: 2 * base_width * EXPANSION,
-            16: 4 * base_width * EXPANSION, 32: 8 * base_width * EXPANSION}
+    return {
+        4: base_width * EXPANSION,
+        8: 2 * base_width * EXPANSION,
+        16: 4 * base_width * EXPANSION,
+        32: 8 * base_width * EXPANSION,
+    }
 
 
 def _check_depth(depth: int) -> None:
     check_one_of("ResNet depth", depth, tuple(STAGE_SIZES))
 
 
-def stage_plan(depth: int, output_stride: int,
-               multi_grid: tuple[int, ...] = (1, 1, 1)) -> list[tuple[int, list[int]]]:
+def stage_plan(
+    depth: int, output_stride: int, multi_grid: tuple[int, ...] = (1, 1, 1)
+) -> list[tuple[int, list[int]]]:
     """(stride of the first unit, dilation of every unit) for layer1..layer4."""
     _check_depth(depth)
     check_output_stride(output_stride)
@@ -59,7 +79,8 @@ def stage_plan(depth: int, output_stride: int,
     if len(multi_grid) != sizes[-1] or any(int(m) != m or m < 1 for m in multi_grid):
         raise ValueError(
             f"multi_grid must hold {sizes[-1]} positive integer rates (one per unit of layer4), "
-            f"got {tuple(multi_grid)!r}.")
+            f"got {tuple(multi_grid)!r}."
+        )
     plan, current_stride, dilation = [], 4, 1  # stride 4 after the stem and its max-pool
     for index, size in enumerate(sizes):
         stride, previous = (1 if index == 0 else 2), dilation
@@ -90,15 +111,31 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal_fan_out(),
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            kernel_init=he_normal_fan_out(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         d, s = self.dilation, self.stride
         y = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
-        y = conv(self.width, (3, 3), strides=(s, s), padding=((d, d), (d, d)),
-                 kernel_dilation=(d, d), name="conv2")(y)
+        y = conv(
+            self.width,
+            (3, 3),
+            strides=(s, s),
+            padding=((d, d), (d, d)),
+            kernel_dilation=(d, d),
+            name="conv2",
+        )(y)
         y = nn.relu(norm(name="bn2")(y))
         y = norm(name="bn3")(conv(self.width * EXPANSION, (1, 1), name="conv3")(y))
         if self.downsample:
@@ -135,78 +172,81 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal_fan_out(),
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            kernel_init=he_normal_fan_out(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         x = x.astype(self.dtype)
         if self.deep_stem:
             for index, channels, stride in _DEEP_STEM:
-                x = conv(max(1, channels * self.base_width // 64), (3, 3), strides=(stride, stride),
-                         padding=((1, 1), (1, 1)), name=f"stem_{index}")(x)
+                x = conv(
+                    max(1, channels * self.base_width // 64),
+                    (3, 3),
+                    strides=(stride, stride),
+                    padding=((1, 1), (1, 1)),
+                    name=f"stem_{index}",
+                )(x)
                 x = nn.relu(norm(name=f"stem_{index + 1}")(x))
         else:
-            x = conv(self.base_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                     name="conv1")(x)
+            x = conv(
+                self.base_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1"
+            )(x)
             x = nn.relu(norm(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         features = {}
         plan = stage_plan(self.depth, self.output_stride, self.multi_grid)
         for index, (stride, rates) in enumerate(plan):
-            width = self.base_width * 2 ** index
+            width = self.base_width * 2**index
             for unit, rate in enumerate(rates):
-                x = Bottleneck(width, stride=stride if unit == 0 else 1, dilation=rate,
-                               downsample=unit == 0, dtype=self.dtype,
-                               param_dtype=self.param_dtype,
-                               name=f"layer{index + 1}_{unit}")(x, train)
-            features[4 * 2 ** index] = x
+                x = Bottleneck(
+                    width,
+                    stride=stride if unit == 0 else 1,
+                    dilation=rate,
+                    downsample=unit == 0,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"layer{index + 1}_{unit}",
+                )(x, train)
+            features[4 * 2**index] = x
         return features
 
 
-ResNet50 = functools.partial(ResNet, depth=50)
-ResNet101 = functools.partial(ResNet, depth=101)
-ResNet152 = functools.partial(ResNet, depth=152)
-
-
-def _conv_bn_keys(flax_conv: str, flax_bn: str, torch_conv: str,
-                  torch_bn: str) -> dict[tuple[str, ...], str]:
-    return {
-        ("params", flax_conv, "kernel"): f"{torch_conv}.weight",
-        ("params", flax_bn, "scale"): f"{torch_bn}.weight",
-        ("params", flax_bn, "bias"): f"{torch_bn}.bias",
-        ("batch_stats", flax_bn, "mean"): f"{torch_bn}.running_mean",
-        ("batch_stats", flax_bn, "var"): f"{torch_bn}.running_var",
-    }
-
-
-def torchvision_resnet_key_map(depth: int = 101,
-                               deep_stem: bool = False) -> dict[tuple[str, ...], str]:
+def torchvision_resnet_key_map(depth: int = 101, deep_stem: bool = False) -> KeyMap:
     """Map flax variable paths of ``ResNet`` to torchvision ``resnet<depth>()`` state-dict keys.
 
     Paths start with the collection (``('params', 'layer1_0', 'conv1', 'kernel') ->
-    'layer1.0.conv1.weight'``); conv kernels need OIHW -> HWIO. ``num_batches_tracked`` and the
-    classifier (``fc.*``) have no counterpart. With ``deep_stem`` the stem keys are
+    'layer1.0.conv1.weight'``): every flax name is the torch name with '.' for '_'. The
+    classifier (``fc.*``) has no counterpart. With ``deep_stem`` the stem keys are
     MMSegmentation ResNetV1c's (``stem.0.weight``, ``stem.1.running_mean``, ...).
     """
     _check_depth(depth)
-    key_map = {}
-    if deep_stem:
-        for index, _, _ in _DEEP_STEM:
-            key_map.update(_conv_bn_keys(f"stem_{index}", f"stem_{index + 1}", f"stem.{index}",
-                                         f"stem.{index + 1}"))
-    else:
-        key_map.update(_conv_bn_keys("conv1", "bn1", "conv1", "bn1"))
+    pairs = (
+        [(f"stem_{i}", f"stem_{i + 1}") for i, _, _ in _DEEP_STEM]
+        if deep_stem
+        else [("conv1", "bn1")]
+    )
     for stage, size in enumerate(STAGE_SIZES[depth], start=1):
         for unit in range(size):
-            flax_unit, torch_unit = f"layer{stage}_{unit}", f"layer{stage}.{unit}"
-            pairs = [(f"conv{i}", f"bn{i}", f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+            convs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
             if unit == 0:
-                pairs.append(("downsample_0", "downsample_1", "downsample.0", "downsample.1"))
-            for flax_conv, flax_bn, torch_conv, torch_bn in pairs:
-                for (collection, *rest), key in _conv_bn_keys(
-                        flax_conv, flax_bn, f"{torch_unit}.{torch_conv}",
-                        f"{torch_unit}.{torch_bn}").items():
-                    key_map[(collection, flax_unit, *rest)] = key
+                convs.append(("downsample_0", "downsample_1"))
+            pairs += [
+                (f"layer{stage}_{unit}/{conv}", f"layer{stage}_{unit}/{bn}") for conv, bn in convs
+            ]
+    key_map = {}
+    for conv, bn in pairs:
+        key_map.update(conv_key_map(conv.split("/"), conv.replace("/", ".").replace("_", ".")))
+        key_map.update(batchnorm_key_map(bn.split("/"), bn.replace("/", ".").replace("_", ".")))
     return key_map

@@ -28,15 +28,23 @@ last map at that resolution — ``4`` is v3+'s low-level feature ``entry_flow/bl
 xception_module/separable_conv2_pointwise`` — and ``32`` the network's output.
 """
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.layers import (BN_MOMENTUM, Dtype, check_at_least, check_output_stride,
-                                   he_normal_fan_out)
+from flaxseg.models.layers import (
+    BN_MOMENTUM,
+    Dtype,
+    KeyMap,
+    SeparableConv,
+    batchnorm_key_map,
+    check_at_least,
+    check_output_stride,
+    conv_key_map,
+    he_normal_fan_out,
+)
 
 XCEPTION_BN_EPSILON = 1e-3
 # (channels of the three separable convs, stride) of the entry-flow units, the middle-flow unit
@@ -52,44 +60,12 @@ def _scaled(channels: int, base_width: int) -> int:
 
 def xception65_channels(base_width: int = 64) -> dict[int, int]:
     """Channels of the feature maps ``Xception65`` returns, keyed by nominal stride."""
-    return {4: _scaled(256, base_width), 8: _scaled(728, base_width),
-            16: _scaled(1024, base_width), 32: _scaled(2048, base_width)}
-
-
-class SeparableConv(nn.Module):
-    """Depthwise k×k conv (stride, dilation) → BN → [act] → pointwise 1×1 → BN → [act].
-
-    [B, H, W, C] -> [B, H', W', features], H' = floor((H − 1) / stride) + 1 (padding =
-    dilation·(k − 1) / 2, PyTorch-style symmetric). Children ``conv_dw``, ``bn_dw``, ``conv_pw``,
-    ``bn_pw`` as in timm; used by Xception and by the DeepLab v3+ ASPP/decoder.
-    """
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 1
-    dilation: int = 1
-    activation: Callable[[jax.Array], jax.Array] | None = None
-    bn_epsilon: float = XCEPTION_BN_EPSILON
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=BN_MOMENTUM, epsilon=self.bn_epsilon, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
-        act = self.activation or (lambda y: y)
-        k, s, d = self.kernel_size, self.stride, self.dilation
-        pad = d * (k - 1) // 2
-        channels = x.shape[-1]
-        x = nn.Conv(channels, (k, k), strides=(s, s), padding=((pad, pad), (pad, pad)),
-                    kernel_dilation=(d, d), feature_group_count=channels, use_bias=False,
-                    kernel_init=he_normal_fan_out(), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="conv_dw")(x)
-        x = act(norm(name="bn_dw")(x))
-        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=he_normal_fan_out(),
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv_pw")(x)
-        return act(norm(name="bn_pw")(x))
+    return {
+        4: _scaled(256, base_width),
+        8: _scaled(728, base_width),
+        16: _scaled(1024, base_width),
+        32: _scaled(2048, base_width),
+    }
 
 
 class XceptionUnit(nn.Module):
@@ -117,21 +93,40 @@ class XceptionUnit(nn.Module):
         for i, (channels, rate) in enumerate(zip(self.features, self.dilations)):
             if self.start_with_relu:
                 y = nn.relu(y)
-            y = SeparableConv(channels, stride=self.stride if i == 2 else 1, dilation=rate,
-                              activation=inner_act, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=f"stack_conv{i + 1}")(y, train)
+            y = SeparableConv(
+                channels,
+                stride=self.stride if i == 2 else 1,
+                dilation=rate,
+                activation=inner_act,
+                bn_epsilon=XCEPTION_BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"stack_conv{i + 1}",
+            )(y, train)
             if i == 1:
                 end_point = y
         if not self.skip:
             return y, end_point
         if self.stride != 1 or x.shape[-1] != self.features[-1]:
             s = self.stride
-            x = nn.Conv(self.features[-1], (1, 1), strides=(s, s), use_bias=False,
-                        kernel_init=he_normal_fan_out(), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="shortcut_conv")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=XCEPTION_BN_EPSILON, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="shortcut_bn")(x)
+            x = nn.Conv(
+                self.features[-1],
+                (1, 1),
+                strides=(s, s),
+                use_bias=False,
+                kernel_init=he_normal_fan_out(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="shortcut_conv",
+            )(x)
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=BN_MOMENTUM,
+                epsilon=XCEPTION_BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="shortcut_bn",
+            )(x)
         return y + x, end_point
 
 
@@ -159,7 +154,8 @@ class Xception65(nn.Module):
         if len(self.multi_grid) != 3 or any(int(m) != m or m < 1 for m in self.multi_grid):
             raise ValueError(
                 f"multi_grid must hold 3 positive integer rates (one per separable conv of the "
-                f"last exit-flow unit), got {tuple(self.multi_grid)!r}.")
+                f"last exit-flow unit), got {tuple(self.multi_grid)!r}."
+            )
         check_at_least("base_width", self.base_width)
         check_at_least("num_middle_units", self.num_middle_units, 0)
         super().__post_init__()
@@ -172,13 +168,25 @@ class Xception65(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
         x = x.astype(self.dtype)
         for index, (channels, stride) in enumerate(((32, 2), (64, 1))):
-            x = nn.Conv(_scaled(channels, self.base_width), (3, 3), strides=(stride, stride),
-                        padding=((1, 1), (1, 1)), use_bias=False,
-                        kernel_init=he_normal_fan_out(), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=f"stem_{index}_conv")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=XCEPTION_BN_EPSILON, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=f"stem_{index}_bn")(x)
+            x = nn.Conv(
+                _scaled(channels, self.base_width),
+                (3, 3),
+                strides=(stride, stride),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                kernel_init=he_normal_fan_out(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"stem_{index}_conv",
+            )(x)
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=BN_MOMENTUM,
+                epsilon=XCEPTION_BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"stem_{index}_bn",
+            )(x)
             x = nn.relu(x)
 
         features, current_stride, rate = {}, 2, 1
@@ -192,9 +200,15 @@ class Xception65(nn.Module):
             last = index == len(configs) - 1
             rates = tuple(unit_rate * int(m) for m in self.multi_grid) if last else (unit_rate,) * 3
             x, end_point = XceptionUnit(
-                tuple(_scaled(c, self.base_width) for c in channels), stride=stride,
-                dilations=rates, start_with_relu=not last, skip=not last, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"blocks_{index}")(x, train)
+                tuple(_scaled(c, self.base_width) for c in channels),
+                stride=stride,
+                dilations=rates,
+                start_with_relu=not last,
+                skip=not last,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"blocks_{index}",
+            )(x, train)
             # Units that downsample (nominally) close a resolution: their end point is its
             # last map. The first unit's (stride 2) is not returned.
             if configs[index][1] > 1 and index > 0:
@@ -203,24 +217,17 @@ class Xception65(nn.Module):
         return features
 
 
-def timm_xception65_key_map(num_middle_units: int = 16) -> dict[tuple[str, ...], str]:
+def timm_xception65_key_map(num_middle_units: int = 16) -> KeyMap:
     """Map flax variable paths of ``Xception65`` to timm ``xception65`` state-dict keys.
 
     ``('params', 'blocks_3', 'stack_conv2', 'conv_dw', 'kernel') ->
     'blocks.3.stack.conv2.conv_dw.weight'``; timm's classifier (``head.fc.*``) has no
     counterpart.
     """
-
-    def bn(flax_path: tuple[str, ...], torch_name: str) -> dict[tuple[str, ...], str]:
-        return {("params", *flax_path, "scale"): f"{torch_name}.weight",
-                ("params", *flax_path, "bias"): f"{torch_name}.bias",
-                ("batch_stats", *flax_path, "mean"): f"{torch_name}.running_mean",
-                ("batch_stats", *flax_path, "var"): f"{torch_name}.running_var"}
-
     key_map = {}
     for index in range(2):
-        key_map[("params", f"stem_{index}_conv", "kernel")] = f"stem.{index}.conv.weight"
-        key_map.update(bn((f"stem_{index}_bn",), f"stem.{index}.bn"))
+        key_map.update(conv_key_map((f"stem_{index}_conv",), f"stem.{index}.conv"))
+        key_map.update(batchnorm_key_map((f"stem_{index}_bn",), f"stem.{index}.bn"))
     configs = _unit_configs(num_middle_units)
     in_channels = 64
     for index, (channels, stride) in enumerate(configs):
@@ -228,13 +235,15 @@ def timm_xception65_key_map(num_middle_units: int = 16) -> dict[tuple[str, ...],
         for i in range(1, 4):
             flax_conv, torch_conv = (block, f"stack_conv{i}"), f"{torch_block}.stack.conv{i}"
             for part in ("dw", "pw"):
-                key_map[("params", *flax_conv, f"conv_{part}", "kernel")] = (
-                    f"{torch_conv}.conv_{part}.weight")
-                key_map.update(bn((*flax_conv, f"bn_{part}"), f"{torch_conv}.bn_{part}"))
+                key_map.update(
+                    conv_key_map((*flax_conv, f"conv_{part}"), f"{torch_conv}.conv_{part}")
+                )
+                key_map.update(
+                    batchnorm_key_map((*flax_conv, f"bn_{part}"), f"{torch_conv}.bn_{part}")
+                )
         last = index == len(configs) - 1
         if not last and (stride != 1 or in_channels != channels[-1]):
-            key_map[("params", block, "shortcut_conv", "kernel")] = (
-                f"{torch_block}.shortcut.conv.weight")
-            key_map.update(bn((block, "shortcut_bn"), f"{torch_block}.shortcut.bn"))
+            key_map.update(conv_key_map((block, "shortcut_conv"), f"{torch_block}.shortcut.conv"))
+            key_map.update(batchnorm_key_map((block, "shortcut_bn"), f"{torch_block}.shortcut.bn"))
         in_channels = channels[-1]
     return key_map

@@ -1,0 +1,140 @@
+"""The skeleton every flaxseg model shares, so that a model file only wires backbone, head and
+decoder (as torchvision's ``_SimpleSegmentationModel`` and smp's ``SegmentationModel`` do).
+
+``SegmentationModel`` holds the fields every model has (``num_classes``, ``dtype``,
+``param_dtype``) and does, once for all of them:
+  - argument checks at construction: ``backbone`` against the class's ``BACKBONES`` (or
+    ``valid_backbones()``), ``output_stride`` where the model has one, ``num_classes`` ≥ 1,
+    then the model's own ``check_arguments()``;
+  - ``resolve_output_stride(output_stride)``: the apply-time override, else the constructor's;
+  - ``create_backbone(...)``: ``backbones.create`` with the model's backbone, width and dtypes,
+    named ``backbone``;
+  - ``finish(logits, images)``: bilinear resize to the input's H×W and float32 cast;
+  - ``sow_aux_head(...)``: the auxiliary FCN head whose logits go to the ``'aux'`` collection;
+  - ``pretrained_backbone()``: which ImageNet network initialises the model and where it sits,
+    which ``flaxseg.weights.load_pretrained_backbone`` asks instead of guessing from names.
+"""
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxseg.models import backbones
+from flaxseg.models.heads import FCNHead
+from flaxseg.models.layers import (
+    Dtype,
+    KeyMap,
+    check_at_least,
+    check_choice,
+    check_output_stride,
+    prefix_key_map,
+    resize_bilinear,
+    sow_aux_logits,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedBackbone:
+    """Where a model keeps the ImageNet network that pretrained weights initialise.
+
+    Attributes:
+      name: the backbone's name in ``backbones.NAMES`` ('resnet101', 'vgg16_bn', 'xception65').
+      path: module path of the backbone in the model's variables (('backbone',), ('encoder',)).
+      deep_stem: a ResNet with the three-conv stem (MMSegmentation's v1c keys).
+      num_middle_units: Xception-65's middle-flow depth.
+      fc_layers: the model's convs that take the classifier's fc6/fc7 (FCN, DeepLab v1).
+    """
+
+    name: str
+    path: tuple[str, ...] = ("backbone",)
+    deep_stem: bool = False
+    num_middle_units: int = 16
+    fc_layers: tuple[str, ...] = ()
+
+    def key_map(self) -> KeyMap:
+        """{model variable path: key of the PyTorch backbone's state dict}."""
+        keys = prefix_key_map(
+            backbones.key_map(
+                self.name, deep_stem=self.deep_stem, num_middle_units=self.num_middle_units
+            ),
+            self.path,
+        )
+        if self.fc_layers:
+            keys.update(backbones.fc_key_map(self.name, self.fc_layers))
+        return keys
+
+
+class SegmentationModel(nn.Module):
+    """Base of every registered model: [B, H, W, 3] images -> [B, H, W, num_classes] float32.
+
+    Subclasses declare their fields (all with defaults, including ``backbone``), set ``TITLE``
+    (the name errors use) and ``BACKBONES``, and write ``__call__``.
+    """
+
+    TITLE: ClassVar[str] = "model"
+    BACKBONES: ClassVar[tuple[str, ...]] = ()
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        self.check_arguments()
+        check_choice(self.backbone, self.valid_backbones(), "backbone", self.TITLE)
+        if getattr(self, "output_stride", None) is not None:
+            check_output_stride(self.output_stride)
+        check_at_least("num_classes", self.num_classes)
+        super().__post_init__()
+
+    def check_arguments(self) -> None:
+        """The model's own argument checks (run before the shared ones)."""
+
+    def valid_backbones(self) -> tuple[str, ...]:
+        return self.BACKBONES
+
+    def resolve_output_stride(self, output_stride: int | None, default: int = 32) -> int:
+        """The ``output_stride`` given to ``apply`` if any, else the constructor's, else
+        ``default``; checked."""
+        output_stride = output_stride or getattr(self, "output_stride", None) or default
+        check_output_stride(output_stride)
+        return output_stride
+
+    def create_backbone(self, **kwargs: Any) -> nn.Module:
+        """``backbones.create(self.backbone, ...)`` named 'backbone', in the model's dtypes and
+        ``base_width``; ``kwargs`` (``output_stride``, ``multi_grid``, ...) go to ``create``."""
+        kwargs = {"base_width": getattr(self, "base_width", 64), **kwargs}
+        return backbones.create(
+            self.backbone, dtype=self.dtype, param_dtype=self.param_dtype, name="backbone", **kwargs
+        )
+
+    def finish(self, logits: jax.Array, images: jax.Array) -> jax.Array:
+        """The model's output: ``logits`` resized bilinearly to the images' H×W, float32."""
+        return resize_bilinear(logits, images.shape[1:3]).astype(jnp.float32)
+
+    def sow_aux_head(
+        self,
+        features: jax.Array,
+        images: jax.Array,
+        train: bool,
+        entry: str = "aux_logits",
+        **head_kwargs: Any,
+    ) -> None:
+        """Auxiliary ``FCNHead`` named ``aux_head`` on ``features`` (deep supervision); its
+        logits go to the ``'aux'`` collection as ``entry``, at the images' size
+        (``layers.sow_aux_logits``). ``head_kwargs`` go to ``FCNHead``."""
+        logits = FCNHead(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="aux_head",
+            **head_kwargs,
+        )(features, train)
+        sow_aux_logits(self, entry, logits, images.shape[1:3])
+
+    def pretrained_backbone(self) -> PretrainedBackbone | None:
+        """The ImageNet network pretrained weights initialise, and where; None when the model
+        has none (e.g. U-Net's own contracting path)."""
+        return PretrainedBackbone(self.backbone) if self.backbone in backbones.NAMES else None
