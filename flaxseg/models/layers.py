@@ -74,6 +74,33 @@ def he_normal_fan_out() -> Callable:
     return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def batch_norm(
+    train: bool, dtype: Dtype, param_dtype: Dtype, epsilon: float = BN_EPSILON
+) -> Callable[..., nn.BatchNorm]:
+    """``nn.BatchNorm`` with PyTorch's momentum and (by default) epsilon, normalising with the
+    batch's statistics when ``train`` and with the running ones otherwise; call it with a name."""
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def conv_without_bias(dtype: Dtype, param_dtype: Dtype) -> Callable[..., nn.Conv]:
+    """``nn.Conv`` without bias and with torchvision's He (fan-out) init: the conv before a
+    BatchNorm in ResNet and Xception; call it with features, kernel size, strides, name."""
+    return functools.partial(
+        nn.Conv,
+        use_bias=False,
+        kernel_init=he_normal_fan_out(),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
 class ConvBNAct(nn.Module):
     """Convolution, optional BatchNorm, optional activation: the unit most decoders repeat.
 
@@ -115,14 +142,7 @@ class ConvBNAct(nn.Module):
             name="conv",
         )(x)
         if self.use_bn:
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=BN_EPSILON,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="bn",
-            )(x)
+            x = batch_norm(train, self.dtype, self.param_dtype)(name="bn")(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
@@ -148,21 +168,8 @@ class SeparableConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            kernel_init=he_normal_fan_out(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv = conv_without_bias(self.dtype, self.param_dtype)
+        norm = batch_norm(train, self.dtype, self.param_dtype, self.bn_epsilon)
         act = self.activation or (lambda y: y)
         k, s, d = self.kernel_size, self.stride, self.dilation
         pad = d * (k - 1) // 2

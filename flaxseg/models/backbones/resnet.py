@@ -23,23 +23,20 @@ Changing ``output_stride`` or ``multi_grid`` never changes a parameter shape: va
 at one output stride can be evaluated at another.
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (
-    BN_EPSILON,
-    BN_MOMENTUM,
     Dtype,
     KeyMap,
+    batch_norm,
     batchnorm_key_map,
     check_at_least,
     check_one_of,
     check_output_stride,
     conv_key_map,
-    he_normal_fan_out,
+    conv_without_bias,
 )
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -111,21 +108,8 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            kernel_init=he_normal_fan_out(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv = conv_without_bias(self.dtype, self.param_dtype)
+        norm = batch_norm(train, self.dtype, self.param_dtype)
         d, s = self.dilation, self.stride
         y = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
         y = conv(
@@ -172,21 +156,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            kernel_init=he_normal_fan_out(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv = conv_without_bias(self.dtype, self.param_dtype)
+        norm = batch_norm(train, self.dtype, self.param_dtype)
         x = x.astype(self.dtype)
         if self.deep_stem:
             for index, channels, stride in _DEEP_STEM:

@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (
-    BN_EPSILON,
-    BN_MOMENTUM,
     Dtype,
     KeyMap,
+    batch_norm,
     batchnorm_key_map,
     check_one_of,
     check_output_stride,
@@ -91,14 +90,7 @@ def conv_relu(
         name=f"features_{index}",
     )(x)
     if batchnorm:
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            name=f"features_{index + 1}",
-        )(x)
+        x = batch_norm(train, dtype, param_dtype)(name=f"features_{index + 1}")(x)
     return nn.relu(x)
 
 

@@ -35,15 +35,15 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models.layers import (
-    BN_MOMENTUM,
     Dtype,
     KeyMap,
     SeparableConv,
+    batch_norm,
     batchnorm_key_map,
     check_at_least,
     check_output_stride,
     conv_key_map,
-    he_normal_fan_out,
+    conv_without_bias,
 )
 
 XCEPTION_BN_EPSILON = 1e-3
@@ -109,23 +109,11 @@ class XceptionUnit(nn.Module):
             return y, end_point
         if self.stride != 1 or x.shape[-1] != self.features[-1]:
             s = self.stride
-            x = nn.Conv(
-                self.features[-1],
-                (1, 1),
-                strides=(s, s),
-                use_bias=False,
-                kernel_init=he_normal_fan_out(),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="shortcut_conv",
+            x = conv_without_bias(self.dtype, self.param_dtype)(
+                self.features[-1], (1, 1), strides=(s, s), name="shortcut_conv"
             )(x)
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=XCEPTION_BN_EPSILON,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="shortcut_bn",
+            x = batch_norm(train, self.dtype, self.param_dtype, XCEPTION_BN_EPSILON)(
+                name="shortcut_bn"
             )(x)
         return y + x, end_point
 
@@ -168,24 +156,15 @@ class Xception65(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
         x = x.astype(self.dtype)
         for index, (channels, stride) in enumerate(((32, 2), (64, 1))):
-            x = nn.Conv(
+            x = conv_without_bias(self.dtype, self.param_dtype)(
                 _scaled(channels, self.base_width),
                 (3, 3),
                 strides=(stride, stride),
                 padding=((1, 1), (1, 1)),
-                use_bias=False,
-                kernel_init=he_normal_fan_out(),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
                 name=f"stem_{index}_conv",
             )(x)
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=XCEPTION_BN_EPSILON,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"stem_{index}_bn",
+            x = batch_norm(train, self.dtype, self.param_dtype, XCEPTION_BN_EPSILON)(
+                name=f"stem_{index}_bn"
             )(x)
             x = nn.relu(x)
 
