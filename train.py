@@ -50,6 +50,11 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "seed", None, "Random seed (initialisation, data order, augmentation, dropout)."
 )
+flags.DEFINE_string(
+    "adversarial", None, "Adversarial training with this input encoding: basic, product, scaling."
+)
+flags.DEFINE_string("adversary", None, "Adversary network (flaxseg.models.adversarial).")
+flags.DEFINE_float("adv_weight", None, "Weight λ of the segmenter's adversarial loss.")
 
 _OVERRIDES = (
     "model",
@@ -66,6 +71,9 @@ _OVERRIDES = (
     "output_stride",
     "pretrained",
     "init_from",
+    "adversarial",
+    "adversary",
+    "adv_weight",
 )
 
 

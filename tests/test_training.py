@@ -115,6 +115,12 @@ def test_workdir_of_another_model_is_refused_and_untouched(data_dir, tmp_path):
             r"--config.param_groups\[0\] lr_mult must be non-negative",
         ),
         ({"lr_schedule": "cosine"}, r"--config.lr_schedule='cosine' is not one of"),
+        ({"adversarial": "blur"}, r"Unknown --adversarial='blur'; valid encodings: basic"),
+        (
+            {"adversarial": "basic", "adversary": "patchgan"},
+            r"Unknown --adversary='patchgan'; available: .*largefov",
+        ),
+        ({"adversarial": "basic", "adv_weight": -0.1}, r"--adv_weight must be non-negative"),
     ],
 )
 def test_bad_settings_get_one_clear_error(data_dir, tmp_path, overrides, message):
@@ -173,6 +179,10 @@ def test_train_and_eval_entry_points(data_dir, tmp_path):
             "--crop_size must be a positive integer",
         ),
         (["eval.py"], "holds no checkpoints"),
+        (
+            ["train.py", "--dataset=synthetic", "--adversarial=basic", "--adv_weight=-1"],
+            "--adv_weight must be non-negative",
+        ),
     ],
 )
 def test_entry_points_print_one_line_errors(tmp_path, args, message):

@@ -71,6 +71,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.param_groups = ()
     config.seed = 0
 
+    # Adversarial training (Luc et al. 2016; flaxseg/training/adversarial.py): '' = off, else the
+    # adversary's input encoding 'basic', 'product' or 'scaling'.
+    config.adversarial = ""
+    config.adversary = "largefov"  # flaxseg.models.adversarial.list_adversaries()
+    config.adversary_kwargs = "{}"  # JSON dict, e.g. '{"width": 0.25}'
+    config.adv_weight = 0.1  # λ of the segmenter's adversarial term
+    config.adv_tau = 0.9  # 'scaling': least mass on the true class of a ground-truth map
+    config.adv_optimizer = "adam"  # 'adam' or 'sgd' (momentum = config.momentum)
+    config.adv_lr = 1e-4
+    config.adv_pretrain_steps = 0  # adversary-only steps first (the segmenter waits)
+    config.adv_updates = 1  # adversary updates per segmenter update
+
     # Bookkeeping.
     config.log_every = 20
     config.eval_every = 2_000

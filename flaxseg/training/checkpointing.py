@@ -149,6 +149,7 @@ def _architecture(spec: dict) -> dict:
         "num_classes": spec["num_classes"],
         "backbone": spec.get("backbone"),
         "model_kwargs": kwargs,
+        "adversarial": spec.get("adversarial"),
     }
 
 

@@ -21,10 +21,18 @@ def jit_eval_step(num_classes: int, ignore_label: int, mesh):
     return jax.jit(step, out_shardings=replicated(mesh))
 
 
-def evaluate(state, eval_iterator, eval_fn, mesh, num_classes: int) -> np.ndarray:
-    """Runs the eval step over a finite iterator; returns the summed confusion matrix (int64)."""
+def evaluate(
+    state, eval_iterator, eval_fn, mesh, num_classes: int, label_transform=None
+) -> np.ndarray:
+    """Runs the eval step over a finite iterator; returns the summed confusion matrix (int64).
+
+    ``label_transform(labels) -> labels`` (host numpy) selects which pixels count, e.g. a
+    boundary band, by setting the others to the ignore label.
+    """
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for batch in eval_iterator:
+        if label_transform is not None:
+            batch = {**batch, "label": label_transform(batch["label"])}
         confusion += np.asarray(jax.device_get(eval_fn(state, shard_batch(batch, mesh))), np.int64)
     return confusion
 
@@ -63,6 +71,7 @@ def evaluate_workdir(
     manual_dir: Optional[str] = None,
     batch_size: Optional[int] = None,
     output_stride: Optional[int] = None,
+    label_transform=None,
 ) -> dict:
     """Restores a checkpoint from `workdir` alone and evaluates it on `split`; returns the
     summary and the report."""
@@ -95,7 +104,12 @@ def evaluate_workdir(
     num_classes = spec["num_classes"]
     eval_fn = jit_eval_step(num_classes, config.ignore_label, mesh)
     confusion = evaluate(
-        state, inputs.create_eval_iterator(config, split), eval_fn, mesh, num_classes
+        state,
+        inputs.create_eval_iterator(config, split),
+        eval_fn,
+        mesh,
+        num_classes,
+        label_transform,
     )
     summary = summarize(confusion)
     summary["step"] = step

@@ -13,9 +13,11 @@ from typing import Optional
 
 import jax
 import numpy as np
+import optax
 
 from flaxseg import models
 from flaxseg.training import (
+    adversarial,
     checkpointing,
     evaluation,
     initialization,
@@ -29,21 +31,55 @@ from flaxseg.training import state as state_lib
 from flaxseg.training.sharding import create_mesh, replicated, shard_batch
 
 
+def _jit_step(step, mesh):
+    return jax.jit(step, out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
 def jit_train_step(config, mesh):
-    step = functools.partial(
-        steps.train_step,
+    """The configured train step, jitted over the mesh: the plain one, or with --adversarial the
+    adversary's updates followed by the segmenter's."""
+    common = dict(
         loss_fn=spec_lib.create_loss(config),
         ignore_label=config.ignore_label,
         aux_loss_weight=config.aux_loss_weight,
     )
-    return jax.jit(step, out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    if not config.adversarial:
+        return _jit_step(functools.partial(steps.train_step, **common), mesh)
+    return _jit_step(
+        functools.partial(
+            adversarial.train_step,
+            **common,
+            encoding=config.adversarial,
+            num_classes=config.num_classes,
+            adv_weight=config.adv_weight,
+            adversary_updates=config.adv_updates,
+            tau=config.adv_tau,
+        ),
+        mesh,
+    )
+
+
+def jit_pretrain_step(config, mesh):
+    """The adversary-only step of the first --config.adv_pretrain_steps steps."""
+    return _jit_step(
+        functools.partial(
+            adversarial.pretrain_step,
+            encoding=config.adversarial,
+            num_classes=config.num_classes,
+            ignore_label=config.ignore_label,
+            tau=config.adv_tau,
+        ),
+        mesh,
+    )
 
 
 def create_optimizer(config):
     """The configured SGD (with its parameter groups) and the learning-rate schedule."""
+    # With adversary pre-training the segmenter's schedule spans only its own updates.
+    segmenter_steps = config.steps - (config.adv_pretrain_steps if config.adversarial else 0)
     schedule = optim.learning_rate_schedule(
         config.lr,
-        config.steps,
+        segmenter_steps,
         kind=config.lr_schedule,
         power=config.lr_power,
         step_size=config.lr_step_size,
@@ -59,14 +95,35 @@ def create_optimizer(config):
     return tx, schedule
 
 
+def adversary_optimizer(config) -> optax.GradientTransformation:
+    if config.adv_optimizer == "adam":
+        return optax.adam(config.adv_lr)
+    return optax.sgd(config.adv_lr, momentum=config.momentum)
+
+
 def init_state(model, tx, config, mesh):
+    """The train state, initialised on the mesh (with the adversary's under --adversarial)."""
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     input_shape = (1, config.crop_size, config.crop_size, 3)
-    create = jax.jit(
-        lambda rng: state_lib.create_train_state(model, tx, rng, input_shape),
-        out_shardings=replicated(mesh),
-    )
-    return create(init_rng)
+
+    def create(rng):
+        state = state_lib.create_train_state(model, tx, rng, input_shape)
+        if config.adversarial:
+            state = state.replace(
+                adversary=adversarial.init_adversary(
+                    config.adversary,
+                    encoding=config.adversarial,
+                    num_classes=config.num_classes,
+                    input_shape=input_shape,
+                    rng=jax.random.fold_in(rng, 1),
+                    tx=adversary_optimizer(config),
+                    dtype=spec_lib.DTYPES[config.dtype],
+                    **spec_lib.parse_model_kwargs(config.adversary_kwargs),
+                )
+            )
+        return state
+
+    return jax.jit(create, out_shardings=replicated(mesh))(init_rng)
 
 
 def _mean_scalars(window: list) -> dict:
@@ -117,6 +174,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
         reporting.say(f"Resumed from {checkpointing.checkpoint_dir(workdir)} at step {latest}.")
 
     train_fn = jit_train_step(config, mesh)
+    pretrain_fn = jit_pretrain_step(config, mesh) if config.adv_pretrain_steps else None
     eval_fn = evaluation.jit_eval_step(config.num_classes, config.ignore_label, mesh)
 
     def validate(state):
@@ -135,7 +193,12 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     progress = reporting.progress_bar(config.steps, start, config.progress_bar)
     window, window_start = [], time.perf_counter()
     for step in range(start + 1, last_step + 1):
-        state, train_metrics = train_fn(state, shard_batch(next(train_iterator), mesh), dropout_rng)
+        step_fn = train_fn
+        if config.adversarial and step <= config.adv_pretrain_steps:
+            step_fn = pretrain_fn
+        state, train_metrics = step_fn(state, shard_batch(next(train_iterator), mesh), dropout_rng)
+        if window and set(train_metrics) != set(window[0]):  # pre-training ended: new metrics
+            window, window_start = [], time.perf_counter()
         window.append(train_metrics)
         if step % config.log_every == 0 or step == last_step:
             scalars = _mean_scalars(window)
@@ -148,9 +211,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
             )
             history.append({"step": step, **scalars})
             if progress is not None:
-                progress.set_postfix(
-                    loss=f"{scalars['loss']:.4f}", img_per_s=f"{scalars['images_per_second']:.1f}"
-                )
+                shown = {k: f"{scalars[k]:.4f}" for k in ("loss", "adversary_loss") if k in scalars}
+                progress.set_postfix(**shown, img_per_s=f"{scalars['images_per_second']:.1f}")
             window, window_start = [], time.perf_counter()
         if progress is not None:
             progress.update(1)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flaxseg import data as data_lib
 from flaxseg import models
 from flaxseg.configs import models as model_configs
+from flaxseg.models import adversarial as adversarial_models
 from flaxseg.training import losses, optim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -63,6 +64,45 @@ def validate_config(config) -> None:
     optim.validate_param_groups(config.param_groups)
     create_loss(config)  # an unknown loss, a malformed expression, bad class weights
     model_kwargs(config)
+    if config.adversarial:
+        validate_adversarial(config)
+
+
+ADVERSARY_OPTIMIZERS = ("adam", "sgd")
+
+
+def validate_adversarial(config) -> None:
+    """One sentence for each adversarial setting a user can get wrong."""
+    encodings = adversarial_models.ENCODINGS
+    if config.adversarial not in encodings:
+        raise ValueError(
+            f"Unknown --adversarial={config.adversarial!r}; valid encodings: "
+            f"{', '.join(encodings)} (or '' for none)."
+        )
+    if config.adversary not in adversarial_models.list_adversaries():
+        raise ValueError(
+            f"Unknown --adversary={config.adversary!r}; available: "
+            f"{', '.join(adversarial_models.list_adversaries())}."
+        )
+    if not (math.isfinite(config.adv_weight) and config.adv_weight >= 0):
+        raise ValueError(f"--adv_weight must be non-negative, got {config.adv_weight}.")
+    if not 0 < config.adv_tau <= 1:
+        raise ValueError(f"--config.adv_tau must be in (0, 1], got {config.adv_tau}.")
+    if config.adv_optimizer not in ADVERSARY_OPTIMIZERS:
+        raise ValueError(
+            f"--config.adv_optimizer={config.adv_optimizer!r} is not one of "
+            f"{', '.join(ADVERSARY_OPTIMIZERS)}."
+        )
+    if not (math.isfinite(config.adv_lr) and config.adv_lr > 0):
+        raise ValueError(f"--config.adv_lr must be positive, got {config.adv_lr}.")
+    if not 0 <= config.adv_pretrain_steps < config.steps:
+        raise ValueError(
+            f"--config.adv_pretrain_steps must be in [0, --steps={config.steps}), got "
+            f"{config.adv_pretrain_steps}."
+        )
+    if config.adv_updates < 1:
+        raise ValueError(f"--config.adv_updates must be at least 1, got {config.adv_updates}.")
+    parse_model_kwargs(config.adversary_kwargs, "--config.adversary_kwargs")
 
 
 def create_loss(config):
@@ -106,12 +146,19 @@ def model_spec(config) -> dict:
     kwargs = model_kwargs(config)
     if config.output_stride:
         kwargs["output_stride"] = int(config.output_stride)
-    return {
+    spec = {
         "model": config.model,
         "num_classes": int(config.num_classes),
         "backbone": config.backbone or None,
         "model_kwargs": kwargs,
     }
+    if config.adversarial:  # the adversary is part of the trained state
+        spec["adversarial"] = {
+            "encoding": config.adversarial,
+            "adversary": config.adversary,
+            "adversary_kwargs": parse_model_kwargs(config.adversary_kwargs),
+        }
+    return spec
 
 
 def build_model(spec: dict, dtype=jnp.float32):

@@ -8,6 +8,8 @@ from flax.training import train_state
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = None
+    # Adversarial training (flaxseg.training.adversarial): the adversary's own TrainState.
+    adversary: Any = None
 
 
 def init_variables(model, rng, input_shape):
@@ -29,18 +31,33 @@ def create_train_state(model, tx, rng, input_shape) -> TrainState:
 
 def state_to_checkpoint(state: TrainState) -> dict:
     """The saved part of the state (apply_fn and tx are rebuilt from the recorded model spec)."""
-    return {
+    saved = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
     }
+    if state.adversary is not None:
+        saved["adversary"] = {
+            "step": state.adversary.step,
+            "params": state.adversary.params,
+            "opt_state": state.adversary.opt_state,
+        }
+    return saved
 
 
 def state_from_checkpoint(state: TrainState, restored: dict) -> TrainState:
-    return state.replace(
+    state = state.replace(
         step=restored["step"],
         params=restored["params"],
         batch_stats=restored["batch_stats"],
         opt_state=restored["opt_state"],
     )
+    if state.adversary is not None:
+        saved = restored["adversary"]
+        state = state.replace(
+            adversary=state.adversary.replace(
+                step=saved["step"], params=saved["params"], opt_state=saved["opt_state"]
+            )
+        )
+    return state

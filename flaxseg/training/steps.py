@@ -27,6 +27,15 @@ def _variables(params, batch_stats):
     return variables
 
 
+def step_rng(rng, step, axis_name: Optional[str] = None):
+    """The dropout key of one step: the run's key folded with the step number (and the device
+    index under pmap), so a resumed run draws the same masks as an uninterrupted one."""
+    rng = jax.random.fold_in(rng, step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    return rng
+
+
 def train_step(
     state,
     batch,
@@ -35,6 +44,7 @@ def train_step(
     loss_fn: Callable,
     ignore_label: int,
     aux_loss_weight: float = 0.4,
+    extra_loss: Optional[tuple[float, Callable, str]] = None,
     axis_name: Optional[str] = None,
 ):
     """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
@@ -44,12 +54,11 @@ def train_step(
     collection add `aux_loss_weight` × the same loss of each. Metrics: 'loss' (the optimised
     total), one entry per loss term of the main output (named after the loss, e.g.
     'cross_entropy', 'dice'), 'aux_loss' and 'pixel_accuracy'.
-    `rng` is the run's base dropout key; the step folds in the step number (and the device index
-    under pmap), so a resumed run draws the same dropout masks as an uninterrupted one.
+    `extra_loss = (weight, fn, name)` adds weight × fn(logits) to the total and reports the
+    unweighted fn(logits) as metric `name` (the adversarial term, flaxseg.training.adversarial).
+    `rng` is the run's base dropout key (see `step_rng`).
     """
-    step_rng = jax.random.fold_in(rng, state.step)
-    if axis_name is not None:
-        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    dropout_rng = step_rng(rng, state.step, axis_name)
 
     def objective(params):
         logits, updates = state.apply_fn(
@@ -57,7 +66,7 @@ def train_step(
             batch["image"],
             train=True,
             mutable=["batch_stats", AUX_COLLECTION],
-            rngs={"dropout": step_rng},
+            rngs={"dropout": dropout_rng},
         )
         main_loss, terms = loss_fn(logits, batch["label"])
         aux_losses = [
@@ -66,6 +75,10 @@ def train_step(
         ]
         aux_loss = sum(aux_losses) if aux_losses else jnp.zeros((), jnp.float32)
         total = main_loss + aux_loss_weight * aux_loss
+        if extra_loss is not None:
+            weight, extra_fn, name = extra_loss
+            terms = {**terms, name: extra_fn(logits)}
+            total = total + weight * terms[name]
         return total, (updates.get("batch_stats", state.batch_stats), logits, terms, aux_loss)
 
     (total, (batch_stats, logits, terms, aux_loss)), grads = jax.value_and_grad(

@@ -1,0 +1,189 @@
+"""Adversarial training (Luc et al. 2016) around any flaxseg segmenter: where the gradients go,
+what ignored pixels do, and a run on the synthetic set that checkpoints, resumes exactly and
+evaluates like any other."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from model_helpers import random_variables
+from test_training import tiny_config
+
+from flaxseg import models
+from flaxseg.models import adversarial as adversarial_models
+from flaxseg.training import adversarial, checkpointing, evaluation, loop, losses
+from flaxseg.training import state as state_lib
+
+NUM_CLASSES = 5
+ADVERSARY = dict(width=0.125)
+
+
+def _batch(seed=0, size=40):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, (2, size, size)).astype(np.int32)
+    labels[:, :4] = 255  # a void band
+    return {
+        "image": jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32),
+        "label": jnp.asarray(labels),
+    }
+
+
+def _state(encoding="basic", seed=0, size=40):
+    model = models.create_model(
+        "deeplabv3", num_classes=NUM_CLASSES, backbone="resnet50", base_width=4, aspp_channels=8
+    )
+    variables = random_variables(model, jnp.zeros((1, size, size, 3)), seed=seed)
+    state = state_lib.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(0.01),
+        batch_stats=variables["batch_stats"],
+    )
+    adversary = adversarial.init_adversary(
+        "largefov_light",
+        encoding=encoding,
+        num_classes=NUM_CLASSES,
+        input_shape=(1, size, size, 3),
+        rng=jax.random.key(seed + 1),
+        tx=optax.adam(1e-3),
+        **ADVERSARY,
+    )
+    return state.replace(adversary=adversary)
+
+
+def _changed(a, b):
+    return [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+
+@pytest.mark.parametrize("encoding", adversarial_models.ENCODINGS)
+def test_adversary_updates_send_nothing_to_the_segmenter(encoding):
+    state, batch = _state(encoding), _batch()
+    step = jax.jit(
+        functools.partial(
+            adversarial.pretrain_step, encoding=encoding, num_classes=NUM_CLASSES, ignore_label=255
+        )
+    )
+    new, metrics = step(state, batch, jax.random.key(0))
+    assert not any(_changed(state.params, new.params))  # bit-identical segmenter
+    assert not any(_changed(state.batch_stats, new.batch_stats))
+    assert all(_changed(state.adversary.params, new.adversary.params))
+    assert int(new.step) == int(state.step) + 1 and np.isfinite(float(metrics["adversary_loss"]))
+    for key in ("adversary_accuracy_real", "adversary_accuracy_fake"):
+        assert 0.0 <= float(metrics[key]) <= 1.0
+
+
+def test_adversarial_term_reaches_every_segmenter_parameter():
+    state, batch = _state(), _batch()
+    _, fake = adversarial.encoders("basic", NUM_CLASSES, 255, 0.9)
+
+    def term(params):
+        logits, _ = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )
+        probs = jax.nn.softmax(logits, axis=-1)
+        return adversarial.fooling_loss(
+            state.adversary.params, state.adversary.apply_fn, batch, fake(batch, probs)
+        )
+
+    grads = jax.grad(term)(state.params)
+    norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= 0.9 * len(norms)
+
+    # Through the real step: λ > 0 changes the segmenter's update, λ = 0 is the plain loss.
+    ce = losses.build_loss("cross_entropy", num_classes=NUM_CLASSES)
+    step = functools.partial(
+        adversarial.train_step,
+        loss_fn=ce,
+        encoding="basic",
+        num_classes=NUM_CLASSES,
+        ignore_label=255,
+    )
+    with_term, metrics = jax.jit(functools.partial(step, adv_weight=1.0))(
+        state, batch, jax.random.key(0)
+    )
+    without, _ = jax.jit(functools.partial(step, adv_weight=0.0))(state, batch, jax.random.key(0))
+    assert any(_changed(with_term.params, without.params))
+    assert not any(_changed(with_term.adversary.params, without.adversary.params))
+    assert set(metrics) >= {"loss", "cross_entropy", "adversarial", "adversary_loss"}
+    assert float(metrics["loss"]) == pytest.approx(
+        float(metrics["cross_entropy"]) + float(metrics["adversarial"]), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("encoding", adversarial_models.ENCODINGS)
+def test_ignored_pixels_change_neither_loss(encoding):
+    state, batch = _state(encoding), _batch()
+    real, fake = adversarial.encoders(encoding, NUM_CLASSES, 255, 0.9)
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 40, 40, NUM_CLASSES)), jnp.float32)
+    perturbed = logits.at[:, :4].add(jnp.asarray(rng.normal(size=(2, 4, 40, NUM_CLASSES)) * 5))
+    adv = state.adversary
+
+    def both(logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        loss, _ = adversarial.adversary_loss(
+            adv.params, adv.apply_fn, batch, real(batch, probs), fake(batch, probs)
+        )
+        return loss, adversarial.fooling_loss(adv.params, adv.apply_fn, batch, fake(batch, probs))
+
+    for a, b in zip(both(logits), both(perturbed)):
+        assert float(a) == pytest.approx(float(b), abs=1e-6)
+    grad = jax.grad(lambda x: both(x)[1])(logits)
+    assert float(jnp.abs(grad[:, :4]).max()) == 0.0 and float(jnp.abs(grad).max()) > 0
+
+
+ADVERSARIAL = dict(
+    adversarial="scaling",
+    adversary="largefov_light",
+    adversary_kwargs=json.dumps(ADVERSARY),
+    adv_weight=0.5,
+    adv_pretrain_steps=2,
+    adv_updates=2,
+)
+
+
+def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    config = functools.partial(
+        tiny_config, data_dir, steps=6, checkpoint_every=3, log_every=1, **ADVERSARIAL
+    )
+    straight = loop.train_and_evaluate(config(), tmp_path / "straight")
+    history = straight["history"]
+    assert "adversary_loss" in history[0] and "loss" not in history[0]  # pre-training
+    assert {"loss", "adversarial", "adversary_loss"} <= set(history[-1])
+    loop.train_and_evaluate(config(), tmp_path / "resumed", stop_at_step=3)
+    resumed = loop.train_and_evaluate(config(), tmp_path / "resumed")
+    assert resumed["step"] == 6
+
+    def saved(workdir, step):
+        manager = checkpointing.create_manager(workdir, read_only=True)
+        return checkpointing.restore(manager, step)["state"]
+
+    a, b = saved(tmp_path / "straight", 6), saved(tmp_path / "resumed", 6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert any(
+        _changed(saved(tmp_path / "straight", 3)["adversary"]["params"], a["adversary"]["params"])
+    )
+    assert evaluation.evaluate_workdir(tmp_path / "straight")["miou"] == pytest.approx(
+        straight["miou"], abs=1e-6
+    )
+
+    # The adversary is part of the state: resuming without it is refused, workdir untouched.
+    with pytest.raises(ValueError, match=r"different model.*adversarial="):
+        loop.train_and_evaluate(tiny_config(data_dir, steps=8), tmp_path / "straight")
+
+    # Adversarial fine-tuning of a trained plain segmenter (--init_from).
+    loop.train_and_evaluate(tiny_config(data_dir, steps=2, checkpoint_every=2), tmp_path / "plain")
+    tuned = loop.train_and_evaluate(
+        config(steps=3, init_from=str(tmp_path / "plain")), tmp_path / "tuned"
+    )
+    assert tuned["step"] == 3
