@@ -86,6 +86,7 @@ def run(name: str, overrides: dict) -> dict:
 def main(argv):
     del argv
     cli.enable_compilation_cache()
+    cli.quiet_library_logs()
     common = {
         "model": FLAGS.model,
         "backbone": FLAGS.backbone,

@@ -194,7 +194,7 @@ def test_entry_points_print_one_line_errors(tmp_path, args, message):
 
 _DATA_PARALLEL = r"""
 import functools, json, sys
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, numpy as np, optax
 from flaxseg import models
 from flaxseg.training import loop, losses, optim, sharding, spec, state as state_lib, steps
 from flaxseg.configs import default
@@ -239,6 +239,17 @@ pmap_step = functools.partial(steps.train_step, loss_fn=ce, ignore_label=255, ax
 pm_state, pm_metrics = jax.pmap(pmap_step, axis_name="d")(replicate(pstate), halves,
                                                           replicate(key))
 same = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree.leaves(pm_state.params)]
+# The adversarial step under pmap: both networks' gradients are averaged over the axis.
+from flaxseg.training import adversarial
+adv = adversarial.init_adversary("largefov_light", encoding="basic", num_classes=5,
+                                 input_shape=(1, 40, 40, 3), rng=jax.random.key(2),
+                                 tx=optax.adam(1e-3), width=0.125)
+adv_step = functools.partial(adversarial.train_step, loss_fn=ce, encoding="basic", num_classes=5,
+                             ignore_label=255, adv_weight=0.5, axis_name="d")
+adv_state, _ = jax.pmap(adv_step, axis_name="d")(replicate(pstate.replace(adversary=adv)),
+                                                  halves, replicate(key))
+same += [float(jnp.max(jnp.abs(a[0] - a[1])))
+         for a in jax.tree.leaves((adv_state.params, adv_state.adversary.params))]
 print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
                   "loss_single": float(m1["loss"]), "loss_mesh": float(m2["loss"])}))
 """

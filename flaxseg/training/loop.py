@@ -174,7 +174,9 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
         reporting.say(f"Resumed from {checkpointing.checkpoint_dir(workdir)} at step {latest}.")
 
     train_fn = jit_train_step(config, mesh)
-    pretrain_fn = jit_pretrain_step(config, mesh) if config.adv_pretrain_steps else None
+    # The segmenter's optimiser (and schedule) only counts its own updates.
+    pretrain_steps = config.adv_pretrain_steps if config.adversarial else 0
+    pretrain_fn = jit_pretrain_step(config, mesh) if pretrain_steps else None
     eval_fn = evaluation.jit_eval_step(config.num_classes, config.ignore_label, mesh)
 
     def validate(state):
@@ -194,7 +196,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     window, window_start = [], time.perf_counter()
     for step in range(start + 1, last_step + 1):
         step_fn = train_fn
-        if config.adversarial and step <= config.adv_pretrain_steps:
+        if step <= pretrain_steps:
             step_fn = pretrain_fn
         state, train_metrics = step_fn(state, shard_batch(next(train_iterator), mesh), dropout_rng)
         if window and set(train_metrics) != set(window[0]):  # pre-training ended: new metrics
@@ -205,7 +207,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
             scalars["images_per_second"] = (
                 len(window) * config.batch_size / (time.perf_counter() - window_start)
             )
-            scalars["learning_rate"] = float(schedule(step - 1))
+            scalars["learning_rate"] = float(schedule(max(0, step - 1 - pretrain_steps)))
             writer.write_scalars(
                 step, {f"train/{k}": v for k, v in scalars.items()}, log=progress is None
             )
