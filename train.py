@@ -9,6 +9,7 @@ Without --config the defaults of flaxseg/configs/default.py apply; --config name
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -17,14 +18,17 @@ from ml_collections import config_flags
 from flaxseg.training import cli, loop
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    str(Path(__file__).resolve().parent / "flaxseg" / "configs" / "default.py"),
-    "Training configuration file (a recipe in flaxseg/configs/).",
-    lock_config=True,
-)
+try:  # the flag applies --config.<field> overrides as it is defined
+    config_flags.DEFINE_config_file(
+        "config",
+        str(Path(__file__).resolve().parent / "flaxseg" / "configs" / "default.py"),
+        "Training configuration file (a recipe in flaxseg/configs/).",
+        lock_config=True,
+    )
+except (AttributeError, KeyError) as error:
+    cli.unknown_config_field(error, sys.argv)
 flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints and TensorBoard logs.", required=True
+    "workdir", None, "Directory for checkpoints and TensorBoard logs; default runs/<model>."
 )
 flags.DEFINE_string("model", None, "Model name (flaxseg.models.list_models()).")
 flags.DEFINE_string("backbone", None, "Backbone name; default: the model's own.")
@@ -83,7 +87,8 @@ def main(argv):
     cli.quiet_library_logs()
     overrides = {name: FLAGS[name].value for name in _OVERRIDES}
     config = cli.run_or_exit("train.py", cli.apply_overrides, FLAGS.config, overrides)
-    summary = cli.run_or_exit("train.py", loop.train_and_evaluate, config, FLAGS.workdir)
+    workdir = FLAGS.workdir or f"runs/{config.model}"
+    summary = cli.run_or_exit("train.py", loop.train_and_evaluate, config, workdir)
     print(summary["report"])
 
 

@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the first match decides. See flaxseg/training/optim.py.
     config.param_groups = ()
     config.seed = 0
+    # A non-finite loss or gradient stops the run (naming the step and the last good
+    # checkpoint); with True such updates are skipped instead and counted (train/nonfinite).
+    config.skip_nonfinite = False
 
     # Adversarial training (Luc et al. 2016; flaxseg/training/adversarial.py): '' = off, else the
     # adversary's input encoding 'basic', 'product' or 'scaling'.

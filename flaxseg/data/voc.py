@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 from PIL import Image
 
@@ -51,6 +52,22 @@ SBD_FOLDER = "benchmark_RELEASE/dataset"
 CONNECT_TIMEOUT_S = 10.0
 
 _VALID_LABELS = np.array(list(range(VOC_NUM_CLASSES)) + [IGNORE_LABEL], dtype=np.uint8)
+
+# What converting an image of each PIL mode to RGB does, for the note naming the file.
+_MODE_CONVERSIONS = {
+    "1": "black-and-white, grey copied to R, G and B",
+    "L": "grayscale, grey copied to R, G and B",
+    "LA": "grayscale with alpha, grey copied to R, G and B and the alpha channel dropped",
+    "P": "palette, indices replaced by their palette colours",
+    "PA": "palette with alpha, indices replaced by their colours and the alpha channel dropped",
+    "RGBA": "the alpha channel dropped",
+    "RGBX": "the padding channel dropped",
+    "CMYK": "CMYK, converted by PIL's simple formula, ignoring any colour profile",
+    "YCbCr": "YCbCr colours converted to RGB",
+    "I": "32-bit grayscale, values clipped to 0..255 and copied to R, G and B",
+    "I;16": "16-bit grayscale, values clipped to 0..255 and copied to R, G and B",
+    "F": "floating-point grayscale, values clipped to 0..255 and copied to R, G and B",
+}
 
 _MANUAL_INSTRUCTIONS = f"""\
 Put the original archives, or their extracted folders, in the manual directory
@@ -150,8 +167,9 @@ def read_image(path, encoding_format: str = "jpeg") -> tuple[bytes, tuple[int, i
     """Returns an image file's bytes and its (height, width) after checking it decodes fully.
 
     The original bytes are kept (no re-encoding loss) unless the file is not plain RGB
-    (grayscale or CMYK JPEGs exist in the wild): those are re-encoded as RGB in
-    `encoding_format` ('jpeg' or 'png') so that every decoder returns three channels.
+    (grayscale or CMYK JPEGs, RGBA or palette PNGs exist in the wild): those are converted
+    to RGB, re-encoded in `encoding_format` ('jpeg' or 'png') so that every decoder returns
+    three channels, and a warning names the file and the conversion.
     `path` is a `pathlib.Path` or a `zipfile.Path`.
     """
     data = read_file_bytes(path, "Image file")
@@ -168,6 +186,11 @@ def read_image(path, encoding_format: str = "jpeg") -> tuple[bytes, tuple[int, i
         raise ValueError(
             f"Image file {path} is not a readable {encoding_format.upper()} ({error})."
         ) from error
+    if mode != "RGB":
+        conversion = _MODE_CONVERSIONS.get(mode, f"converted by PIL from mode {mode!r}")
+        logging.warning(
+            "Image file %s is in PIL mode %r, not RGB; stored as RGB (%s).", path, mode, conversion
+        )
     return data, (size[1], size[0])
 
 
@@ -193,6 +216,12 @@ def read_voc_mask(path: Path) -> np.ndarray:
     colours or luminance instead, so neither is done. Mode 'L' files are taken as indices.
     """
     mask, mode = read_index_png(path)
+    if mode in ("RGB", "RGBA"):
+        raise ValueError(
+            f"Mask file {path} is an {mode} image, which looks like a colour-rendered mask; "
+            "VOC masks must be palette ('P') or grayscale ('L') PNGs whose pixel values are "
+            "the class indices, as in the VOC devkit's SegmentationClass folder."
+        )
     if mode not in ("P", "L"):
         raise ValueError(
             f"Mask file {path} has PIL mode {mode!r}; expected a palette ('P') "
@@ -207,10 +236,26 @@ def read_sbd_mask(path: Path) -> np.ndarray:
         raise FileNotFoundError(f"SBD label file {path} does not exist.")
     try:
         contents = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=True)
-    except (OSError, ValueError, TypeError) as error:
+    # scipy reports truncated or garbled files as any of these (IndexError for a bad
+    # header, NotImplementedError for MATLAB v7.3 / HDF5 files).
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        IndexError,
+        NotImplementedError,
+        scipy.io.matlab.MatReadError,
+    ) as error:
         raise ValueError(f"SBD label file {path} is not a readable .mat file ({error}).") from error
     if "GTcls" not in contents or not hasattr(contents["GTcls"], "Segmentation"):
-        raise ValueError(f"SBD label file {path} has no GTcls.Segmentation field.")
+        found = sorted(name for name in contents if not name.startswith("__"))
+        if "GTcls" in contents and hasattr(contents["GTcls"], "_fieldnames"):
+            found = [f"GTcls.{name}" for name in contents["GTcls"]._fieldnames]
+        raise ValueError(
+            f"SBD label file {path} has no GTcls.Segmentation field (it holds "
+            f"{', '.join(found) or 'no variables'}); expected a cls/<id>.mat of SBD's "
+            "benchmark_RELEASE."
+        )
     mask = np.asarray(contents["GTcls"].Segmentation)
     if mask.ndim != 2:
         raise ValueError(
@@ -268,10 +313,24 @@ def make_example(
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids, one per line, from a split list such as ImageSets/Segmentation/train.txt."""
+    """Image ids, one per line, from a split list such as ImageSets/Segmentation/train.txt.
+
+    An empty list, or an id listed twice in the same file, is an error naming the file.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"Split list {path} does not exist.")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"Split list {path} holds no image ids; expected one id per line.")
+    seen = set()
+    for image_id in ids:
+        if image_id in seen:
+            raise ValueError(
+                f"Split list {path} lists image id {image_id!r} more than once; each id "
+                "must appear once."
+            )
+        seen.add(image_id)
+    return ids
 
 
 def voc_split_pairs(voc_root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -297,8 +356,14 @@ def train_aug_pairs(voc_root: Path, sbd_root: Path) -> list[tuple[Path, Path]]:
     sbd_train = read_id_list(sbd_root / "train.txt")
     sbd_val = read_id_list(sbd_root / "val.txt")
     voc_train_set = set(voc_train)
+    image_ids = train_aug_ids(voc_train, voc_val, sbd_train, sbd_val)
+    if not image_ids:
+        raise ValueError(
+            f"train_aug is empty: every id of {list_dir / 'train.txt'}, {sbd_root / 'train.txt'} "
+            f"and {sbd_root / 'val.txt'} is also in {list_dir / 'val.txt'}."
+        )
     pairs = []
-    for image_id in train_aug_ids(voc_train, voc_val, sbd_train, sbd_val):
+    for image_id in image_ids:
         if image_id in voc_train_set:
             pairs.append(
                 (

@@ -129,6 +129,7 @@ def train_step(
     aux_loss_weight: float = 0.4,
     adversary_updates: int = 1,
     tau: float = adversarial_models.DEFAULT_TAU,
+    skip_nonfinite: bool = False,
     axis_name: Optional[str] = None,
 ):
     """``adversary_updates`` adversary updates, then one segmenter update with the adversarial
@@ -156,6 +157,7 @@ def train_step(
         ignore_label=ignore_label,
         aux_loss_weight=aux_loss_weight,
         extra_loss=(adv_weight, adversarial_term, "adversarial"),
+        skip_nonfinite=skip_nonfinite,
         axis_name=axis_name,
     )
     return state, {**metrics, **adversary_metrics}

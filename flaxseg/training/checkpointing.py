@@ -86,9 +86,46 @@ def restore(manager, step: int, abstract_state: Optional[Any] = None) -> dict:
     return {name: restored[name] for name in _ITEMS}
 
 
+def _reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def restore_intact(
+    manager, steps, abstract_state: Optional[Any] = None, on_damaged=print
+) -> tuple[int, dict]:
+    """Restores the newest of `steps` that restores; each one that does not (a truncated or
+    missing file, an unfinished save) is reported through `on_damaged(step, sentence)` and left
+    where it is. Raises ValueError when none restores."""
+    where = Path(manager.directory)
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore(manager, step, abstract_state)
+        except Exception as error:  # Orbax and TensorStore raise many types for damaged files
+            on_damaged(
+                step,
+                f"Checkpoint step {step} in {where} could not be restored ({_reason(error)}); "
+                "it was left in place.",
+            )
+    raise ValueError(f"No checkpoint in {where} could be restored (tried steps {sorted(steps)}).")
+
+
+def set_aside(workdir, step: int) -> Path:
+    """Moves the damaged checkpoint `step` out of the way of new saves (Orbax cannot write a step
+    that exists) to `<workdir>/checkpoints_damaged/<step>`; nothing is deleted."""
+    target = Path(workdir).absolute() / "checkpoints_damaged" / str(step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target = target.with_name(f"{step}.{len(list(target.parent.iterdir()))}")
+    (checkpoint_dir(workdir) / str(step)).rename(target)
+    return target
+
+
 def restore_workdir(workdir, which: str = "latest", flag: str = "--workdir") -> tuple[int, dict]:
     """(step, {'state', 'data', 'meta'}) of checkpoint `which` ('latest', 'best' or a step) of a
-    trained workdir, read-only; one clear error when the workdir holds none."""
+    trained workdir, read-only; one clear error when the workdir holds none. For 'latest' a
+    damaged newest checkpoint is reported and the newest intact one is used."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -97,7 +134,15 @@ def restore_workdir(workdir, which: str = "latest", flag: str = "--workdir") -> 
         )
     manager = create_manager(workdir, read_only=True)
     step = resolve_step(manager, which)
-    return step, restore(manager, step)
+    if which == "latest":
+        return restore_intact(manager, manager.all_steps(), on_damaged=lambda s, m: print(m))
+    try:
+        return step, restore(manager, step)
+    except Exception as error:  # a damaged checkpoint asked for by name
+        raise ValueError(
+            f"Checkpoint step {step} in {directory} could not be restored ({_reason(error)}); "
+            "it was left in place."
+        ) from None
 
 
 def read_meta(manager, step: int) -> dict:

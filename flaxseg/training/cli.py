@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import jax
 from absl import logging
@@ -59,7 +60,33 @@ def run_or_exit(program: str, fn, *args, **kwargs):
     exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # OSError: missing, existing or unwritable paths
         logging.debug("%s failed", program, exc_info=True)
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def unknown_config_field(error: Exception, argv: list[str]) -> None:
+    """Exit with one sentence for a `--config.<field>` that names no field, suggesting the
+    closest (ml_collections raises a 49-line traceback while the flag is defined)."""
+    import difflib
+
+    from flaxseg.configs import default
+
+    name = str(error).split("\\n")[0].strip("\"'\\")
+    given = next((a.split("=")[0] for a in argv if a.startswith(f"--config.{name}")), name)
+    fields = sorted(_flat_keys(default.get_config()))
+    close = difflib.get_close_matches(given.removeprefix("--config."), fields, n=3)
+    hint = f"; did you mean {', '.join('--config.' + c for c in close)}?" if close else "."
+    print(f"{Path(argv[0]).name}: error: {given} names no config field{hint}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys

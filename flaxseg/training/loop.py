@@ -7,6 +7,8 @@ pipeline), `sharding` (the mesh), `initialization` (--pretrained, --init_from), 
 """
 
 import functools
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,7 @@ from flaxseg.training import (
     initialization,
     inputs,
     optim,
+    preemption,
     reporting,
     steps,
 )
@@ -42,6 +45,7 @@ def jit_train_step(config, mesh):
         loss_fn=spec_lib.create_loss(config),
         ignore_label=config.ignore_label,
         aux_loss_weight=config.aux_loss_weight,
+        skip_nonfinite=config.skip_nonfinite,
     )
     if not config.adversarial:
         return _jit_step(functools.partial(steps.train_step, **common), mesh)
@@ -126,6 +130,57 @@ def init_state(model, tx, config, mesh):
     return jax.jit(create, out_shardings=replicated(mesh))(init_rng)
 
 
+class NonFiniteError(ValueError):
+    """The loss or a gradient stopped being finite (a diverging run)."""
+
+
+def _last_good(manager, workdir) -> str:
+    manager.reload()
+    step = manager.latest_step()
+    if step is None:
+        return "no checkpoint was written before it."
+    return (
+        f"the last good checkpoint is step {step} in {checkpointing.checkpoint_dir(workdir)} "
+        "(left untouched)."
+    )
+
+
+def _saved_spec(manager, steps) -> dict:
+    """The model spec of the newest checkpoint whose metadata reads (a damaged newest one is
+    reported when the state is restored)."""
+    for step in sorted(steps, reverse=True):
+        try:
+            return checkpointing.read_meta(manager, step)["model_spec"]
+        except Exception:  # damaged: the restore below names it
+            continue
+    raise ValueError(
+        f"No checkpoint in {checkpointing.checkpoint_dir(manager.directory.parent)} has readable "
+        "metadata; the workdir was left untouched: pass a new --workdir."
+    )
+
+
+def check_workdir(workdir: Path) -> None:
+    """One sentence, before any set-up, for a workdir that cannot hold checkpoints."""
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir={workdir} is an existing file, not a directory.")
+    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--workdir={workdir} is not writable ({existing} is read-only).")
+
+
+def check_disk_space(workdir: Path, state, keep: int) -> None:
+    """Refuses to start when the disk cannot hold one more checkpoint (the state's size)."""
+    needed = sum(x.nbytes for x in jax.tree.leaves(state_lib.state_to_checkpoint(state)))
+    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < 2 * needed:
+        raise OSError(
+            f"The disk holding --workdir={workdir} has {free / 2**20:.0f} MiB free, too little "
+            f"for a {needed / 2**20:.0f} MiB checkpoint (keeping {keep} of them); free space "
+            "or choose another --workdir."
+        )
+
+
 def _mean_scalars(window: list) -> dict:
     return {key: float(np.mean([m[key] for m in jax.device_get(window)])) for key in window[0]}
 
@@ -142,12 +197,12 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     spec_lib.validate_config(config)
     spec = spec_lib.model_spec(config)
     workdir = Path(workdir)
+    check_workdir(workdir)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints, read_only=True)
+    saved_steps = manager.all_steps()
     latest = manager.latest_step()
     if latest is not None:
-        checkpointing.check_compatible(
-            checkpointing.read_meta(manager, latest)["model_spec"], spec, workdir
-        )
+        checkpointing.check_compatible(_saved_spec(manager, saved_steps), spec, workdir)
     model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])  # checks its arguments
 
     train_iterator = inputs.create_train_iterator(config)
@@ -166,12 +221,21 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
         state = initialization.init_from(state, config.init_from, spec, mesh)
     if latest is None and config.pretrained:
         state = initialization.load_pretrained(state, config.pretrained, model, mesh)
-    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+    check_disk_space(workdir, state, config.keep_checkpoints)
     if latest is not None:
-        restored = checkpointing.restore(manager, latest, state_lib.state_to_checkpoint(state))
+        damaged = []
+        latest, restored = checkpointing.restore_intact(
+            manager,
+            saved_steps,
+            state_lib.state_to_checkpoint(state),
+            on_damaged=lambda step, message: (damaged.append(step), reporting.say(message)),
+        )
+        for step in damaged:  # newer than the restored one: move them out of the saves' way
+            reporting.say(f"Moved it to {checkpointing.set_aside(workdir, step)}.")
         state = state_lib.state_from_checkpoint(state, restored["state"])
         train_iterator.set_state(restored["data"])
         reporting.say(f"Resumed from {checkpointing.checkpoint_dir(workdir)} at step {latest}.")
+    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
 
     train_fn = jit_train_step(config, mesh)
     # The segmenter's optimiser (and schedule) only counts its own updates.
@@ -194,49 +258,68 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     progress = reporting.progress_bar(config.steps, start, config.progress_bar)
     window, window_start = [], time.perf_counter()
-    for step in range(start + 1, last_step + 1):
-        step_fn = train_fn
-        if step <= pretrain_steps:
-            step_fn = pretrain_fn
-        state, train_metrics = step_fn(state, shard_batch(next(train_iterator), mesh), dropout_rng)
-        if window and set(train_metrics) != set(window[0]):  # pre-training ended: new metrics
-            window, window_start = [], time.perf_counter()
-        window.append(train_metrics)
-        if step % config.log_every == 0 or step == last_step:
-            scalars = _mean_scalars(window)
-            scalars["images_per_second"] = (
-                len(window) * config.batch_size / (time.perf_counter() - window_start)
-            )
-            scalars["learning_rate"] = float(schedule(max(0, step - 1 - pretrain_steps)))
-            writer.write_scalars(
-                step, {f"train/{k}": v for k, v in scalars.items()}, log=progress is None
-            )
-            history.append({"step": step, **scalars})
+    save = functools.partial(checkpointing.save, manager, meta=meta)
+    saved_at = start
+    with preemption.stop_on_signals() as stop:
+        for step in range(start + 1, last_step + 1):
+            step_fn = pretrain_fn if step <= pretrain_steps else train_fn
+            batch = shard_batch(next(train_iterator), mesh)
+            state, train_metrics = step_fn(state, batch, dropout_rng)
+            if float(train_metrics.get("nonfinite", 0.0)) and not config.skip_nonfinite:
+                progress is not None and progress.close()
+                raise NonFiniteError(
+                    f"Training diverged at step {step}: the loss or a gradient is not finite; "
+                    f"{_last_good(manager, workdir)} Lower --lr, or pass "
+                    "--config.skip_nonfinite=True to skip such updates."
+                )
+            if window and set(train_metrics) != set(window[0]):  # pre-training ended
+                window, window_start = [], time.perf_counter()
+            window.append(train_metrics)
+            if step % config.log_every == 0 or step == last_step:
+                scalars = _mean_scalars(window)
+                scalars["images_per_second"] = (
+                    len(window) * config.batch_size / (time.perf_counter() - window_start)
+                )
+                scalars["learning_rate"] = float(schedule(max(0, step - 1 - pretrain_steps)))
+                writer.write_scalars(
+                    step, {f"train/{k}": v for k, v in scalars.items()}, log=progress is None
+                )
+                history.append({"step": step, **scalars})
+                if progress is not None:
+                    shown = {
+                        k: f"{scalars[k]:.4f}" for k in ("loss", "adversary_loss") if k in scalars
+                    }
+                    progress.set_postfix(**shown, img_per_s=f"{scalars['images_per_second']:.1f}")
+                window, window_start = [], time.perf_counter()
             if progress is not None:
-                shown = {k: f"{scalars[k]:.4f}" for k in ("loss", "adversary_loss") if k in scalars}
-                progress.set_postfix(**shown, img_per_s=f"{scalars['images_per_second']:.1f}")
-            window, window_start = [], time.perf_counter()
-        if progress is not None:
-            progress.update(1)
+                progress.update(1)
 
-        evaluated = step % config.eval_every == 0 or step == last_step
-        if evaluated:
-            confusion, summary = validate(state)
-            writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
-        if step % config.checkpoint_every == 0 or step == last_step:
-            checkpointing.save(
-                manager,
-                step,
-                state=state_lib.state_to_checkpoint(state),
-                data_state=train_iterator.get_state(),
-                meta=meta,
-                metrics={"miou": summary["miou"]} if evaluated else None,
-            )
+            evaluated = step % config.eval_every == 0 or step == last_step
+            if evaluated and not stop.requested:
+                confusion, summary = validate(state)
+                writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
+            if step % config.checkpoint_every == 0 or step == last_step or stop.requested:
+                save(
+                    step,
+                    state=state_lib.state_to_checkpoint(state),
+                    data_state=train_iterator.get_state(),
+                    metrics={"miou": summary["miou"]} if evaluated and summary else None,
+                )
+                saved_at = step
+            if stop.requested:
+                break
     if progress is not None:
         progress.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    if stop.requested:
+        where = checkpointing.checkpoint_dir(workdir)
+        message = (
+            f"Stopped by {stop.signal_name} at step {saved_at}; the checkpoint is in {where}. "
+            "Run the same command to resume."
+        )
+        return {"step": saved_at, "preempted": True, "report": message, "history": history}
     if confusion is None:  # the run had already reached config.steps: report the saved model
         confusion, summary = validate(state)
     summary["step"] = int(jax.device_get(state.step))

@@ -45,6 +45,7 @@ def train_step(
     ignore_label: int,
     aux_loss_weight: float = 0.4,
     extra_loss: Optional[tuple[float, Callable, str]] = None,
+    skip_nonfinite: bool = False,
     axis_name: Optional[str] = None,
 ):
     """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
@@ -57,6 +58,9 @@ def train_step(
     `extra_loss = (weight, fn, name)` adds weight × fn(logits) to the total and reports the
     unweighted fn(logits) as metric `name` (the adversarial term, flaxseg.training.adversarial).
     `rng` is the run's base dropout key (see `step_rng`).
+    Metric 'nonfinite' is 1 when the loss or a gradient is not finite. With `skip_nonfinite`
+    such an update is dropped (parameters, BatchNorm statistics and optimiser state keep their
+    values; the step count advances); without it the loop stops the run.
     """
     dropout_rng = step_rng(rng, state.step, axis_name)
 
@@ -96,8 +100,15 @@ def train_step(
         grads = jax.lax.pmean(grads, axis_name)
         batch_stats = jax.lax.pmean(batch_stats, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if skip_nonfinite:
+        kept = state.replace(step=updated.step)
+        updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+    return updated, metrics
 
 
 def eval_step(

@@ -1,0 +1,144 @@
+"""Runs that survive what happens to long jobs: preemption (SIGTERM), a diverging loss, a damaged
+checkpoint, and flags or workdirs that cannot work, each answered in one sentence."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_training import TINY_FCN, tiny_config
+
+from flaxseg.training import checkpointing, evaluation, loop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _checksums(directory: Path) -> dict:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
+    workdir = tmp_path / "wd"
+    args = [
+        sys.executable,
+        "train.py",
+        "--model=fcn8s",
+        "--dataset=synthetic",
+        f"--data_dir={data_dir}",
+        f"--workdir={workdir}",
+        "--steps=100000",
+        "--batch_size=2",
+        "--crop_size=48",
+        f"--model_kwargs={TINY_FCN}",
+        "--config.progress_bar=False",
+        "--config.log_every=1",
+        "--config.eval_every=100000",
+        "--config.checkpoint_every=100000",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:  # wait until training runs
+        if line.startswith("step 2:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Stopped by SIGTERM at step ") and "Run the same command" in last
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert step >= 2
+    restored_step, restored = checkpointing.restore_workdir(workdir)
+    assert restored_step == step and int(restored["state"]["step"]) == step
+    assert restored["data"]  # the input pipeline's position, for an exact resume
+
+
+def test_diverging_run_stops_and_leaves_the_last_checkpoint_untouched(data_dir, tmp_path):
+    loop.train_and_evaluate(tiny_config(data_dir, steps=2, checkpoint_every=2), tmp_path)
+    before = _checksums(tmp_path / "checkpoints")
+    with pytest.raises(
+        loop.NonFiniteError,
+        match=(
+            r"Training diverged at step \d+: the loss or a gradient is not finite; the last good "
+            r"checkpoint is step 2 in .*checkpoints \(left untouched\).*skip_nonfinite"
+        ),
+    ):
+        loop.train_and_evaluate(tiny_config(data_dir, steps=8, lr=1e30), tmp_path)
+    assert _checksums(tmp_path / "checkpoints") == before
+
+    # Skipping instead: the run finishes with finite parameters and counts the skips.
+    summary = loop.train_and_evaluate(
+        tiny_config(data_dir, steps=8, lr=1e30, skip_nonfinite=True, log_every=1),
+        tmp_path / "skipping",
+    )
+    assert summary["step"] == 8 and sum(h["nonfinite"] for h in summary["history"]) > 0
+    _, restored = checkpointing.restore_workdir(tmp_path / "skipping")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
+
+
+def _damage_latest(workdir: Path, step: int) -> Path:
+    files = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*") if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    return victim
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(data_dir, tmp_path, capsys):
+    loop.train_and_evaluate(tiny_config(data_dir, steps=4, checkpoint_every=2), tmp_path)
+    victim = _damage_latest(tmp_path, 4)
+    damaged = _checksums(tmp_path / "checkpoints" / "4")
+
+    evaluated = evaluation.evaluate_workdir(tmp_path)  # eval.py --checkpoint=latest
+    out = capsys.readouterr().out
+    assert evaluated["step"] == 2
+    assert "Checkpoint step 4 in" in out and "could not be restored" in out
+    with pytest.raises(ValueError, match=r"Checkpoint step 4 in .* could not be restored"):
+        evaluation.evaluate_workdir(tmp_path, checkpoint="4")
+
+    summary = loop.train_and_evaluate(tiny_config(data_dir, steps=6, checkpoint_every=2), tmp_path)
+    out = capsys.readouterr().out
+    assert "Resumed from" in out and "at step 2." in out and summary["step"] == 6
+    moved = tmp_path / "checkpoints_damaged" / "4"
+    assert f"Moved it to {moved}" in out
+    assert _checksums(moved) == damaged  # kept, byte for byte, never deleted
+    assert victim.name in {p.name for p in moved.rglob("*")}
+
+
+def test_workdir_that_is_a_file_is_refused_before_set_up(data_dir, tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("not a directory")
+    with pytest.raises(FileExistsError, match=r"--workdir=.*a_file is an existing file"):
+        loop.train_and_evaluate(tiny_config(data_dir), target)
+    assert target.read_text() == "not a directory"
+
+
+def test_config_field_typo_gets_one_sentence_with_suggestions(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", f"--workdir={tmp_path}", "--config.lr_shedule=step"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: --config.lr_shedule names no config field; did you mean "
+        "--config.lr_schedule?"
+    ]
+    assert json.dumps(sorted(os.listdir(tmp_path))) == "[]"
