@@ -297,6 +297,13 @@ def test_offline_without_manual_files_fails_fast_naming_the_archive_paths(tmp_pa
     assert str(manual / "VOCtrainval_11-May-2012.tar") in message
     assert str(manual / "VOCdevkit" / "VOC2012") in message
     assert "192.0.2.1" in message
+    assert "--manual_dir" in message and "--dataset=synthetic" in message
+    assert "\n" not in message  # one sentence
+    # The default dataset (train_aug) names both archives it needs.
+    with pytest.raises(FileNotFoundError, match=r"needs VOCtrainval_11-May-2012.tar and benchmark"):
+        data.get_data_source(
+            "voc2012_aug", "train", data_dir=str(tmp_path / "aug"), manual_dir=str(manual)
+        )
 
 
 def test_unknown_dataset_and_split_are_named(tmp_path):

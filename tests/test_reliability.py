@@ -142,3 +142,75 @@ def test_config_field_typo_gets_one_sentence_with_suggestions(tmp_path):
         "--config.lr_schedule?"
     ]
     assert json.dumps(sorted(os.listdir(tmp_path))) == "[]"
+
+
+def _train_command(data_dir, workdir):
+    return [
+        sys.executable,
+        "train.py",
+        "--model=fcn8s",
+        "--dataset=synthetic",
+        f"--data_dir={data_dir}",
+        f"--workdir={workdir}",
+        "--steps=8",
+        "--batch_size=2",
+        "--crop_size=48",
+        f"--model_kwargs={TINY_FCN}",
+        "--config.progress_bar=False",
+        "--config.checkpoint_every=2",
+        "--config.eval_every=100000",
+    ]
+
+
+def _final_params(workdir):
+    step, restored = checkpointing.restore_workdir(workdir)
+    assert step == 8
+    return jax.tree.leaves((restored["state"]["params"], restored["state"]["opt_state"]))
+
+
+def test_sigkill_at_any_point_resumes_bit_identically(data_dir, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    straight = subprocess.run(
+        _train_command(data_dir, tmp_path / "straight"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    expected = _final_params(tmp_path / "straight")
+    for point in ("mid_step:5", "mid_save:4", "after_save:4"):
+        workdir = tmp_path / point.replace(":", "_")
+        killed = subprocess.run(
+            _train_command(data_dir, workdir),
+            cwd=REPO,
+            timeout=600,
+            env={**env, "FLAXSEG_TEST_KILL": point},
+            capture_output=True,
+        )
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        resumed = subprocess.run(
+            _train_command(data_dir, workdir),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert resumed.returncode == 0, (point, resumed.stderr[-2000:])
+        assert "Resumed from" in resumed.stdout, point
+        for a, b in zip(expected, _final_params(workdir)):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), point  # bit for bit
+
+
+def test_an_unfinished_save_is_ignored_with_a_note(data_dir, tmp_path, capsys):
+    loop.train_and_evaluate(tiny_config(data_dir, steps=2, checkpoint_every=2), tmp_path)
+    unfinished = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "half_written").write_bytes(b"\0" * 10)
+    summary = loop.train_and_evaluate(tiny_config(data_dir, steps=4, checkpoint_every=2), tmp_path)
+    out = capsys.readouterr().out
+    assert f"Ignored {unfinished}: a save that never finished" in out
+    assert "at step 2." in out and summary["step"] == 4
+    assert (unfinished / "state" / "half_written").read_bytes() == b"\0" * 10

@@ -442,7 +442,7 @@ def _check_reachable(url: str) -> None:
         pass
 
 
-def locate_source(dl_manager, source: _Source) -> Path:
+def locate_source(dl_manager, source: _Source, needed: tuple[str, ...] = ()) -> Path:
     """Returns a folder that contains `source.folder`.
 
     Order: the extracted folder in manual_dir, the archive in manual_dir (extracted under
@@ -467,7 +467,9 @@ def locate_source(dl_manager, source: _Source) -> Path:
         raise FileNotFoundError(
             f"{source.title} was not found and could not be downloaded from {source.url} "
             f"({error}); put the archive at {expected / source.archive} or extract it so "
-            f"that {expected / source.folder} exists."
+            f"that {expected / source.folder} exists; this dataset needs "
+            f"{' and '.join(needed or (source.archive,))} in the folder given as --manual_dir, "
+            "or train on the embedded synthetic set with --dataset=synthetic."
         ) from error
     return extract_archive(archive, extract_root / f"flaxseg.{source.archive}", source.members)
 
@@ -536,9 +538,10 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
                 seed=config.synthetic_seed,
             )
         else:
-            voc_root = locate_source(dl_manager, _voc_source()) / VOC_FOLDER
+            needed = (VOC_ARCHIVE, SBD_ARCHIVE) if config.source == "voc2012_aug" else ()
+            voc_root = locate_source(dl_manager, _voc_source(), needed) / VOC_FOLDER
         if config.source == "voc2012_aug":
-            sbd_root = locate_source(dl_manager, _sbd_source()) / SBD_FOLDER
+            sbd_root = locate_source(dl_manager, _sbd_source(), needed) / SBD_FOLDER
             train_pairs = train_aug_pairs(voc_root, sbd_root)
         else:
             train_pairs = voc_split_pairs(voc_root, "train")

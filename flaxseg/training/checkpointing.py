@@ -58,6 +58,9 @@ def create_manager(workdir, *, keep: int = 3, read_only: bool = False) -> ocp.Ch
 def save(
     manager, step: int, *, state: dict, data_state: dict, meta: dict, metrics: Optional[dict] = None
 ) -> None:
+    from flaxseg.training import preemption  # the fault-injection hook of the resume tests
+
+    preemption.test_kill_point("mid_save", step)
     manager.save(
         step,
         args=ocp.args.Composite(

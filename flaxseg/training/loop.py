@@ -222,6 +222,13 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     if latest is None and config.pretrained:
         state = initialization.load_pretrained(state, config.pretrained, model, mesh)
     check_disk_space(workdir, state, config.keep_checkpoints)
+    for unfinished in sorted(
+        checkpointing.checkpoint_dir(workdir).glob("*.orbax-checkpoint-tmp-*")
+    ):
+        reporting.say(
+            f"Ignored {unfinished}: a save that never finished (the process died while writing "
+            "it); it was left in place."
+        )
     if latest is not None:
         damaged = []
         latest, restored = checkpointing.restore_intact(
@@ -265,6 +272,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
             step_fn = pretrain_fn if step <= pretrain_steps else train_fn
             batch = shard_batch(next(train_iterator), mesh)
             state, train_metrics = step_fn(state, batch, dropout_rng)
+            preemption.test_kill_point("mid_step", step)
             if float(train_metrics.get("nonfinite", 0.0)) and not config.skip_nonfinite:
                 progress is not None and progress.close()
                 raise NonFiniteError(
@@ -306,6 +314,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
                     metrics={"miou": summary["miou"]} if evaluated and summary else None,
                 )
                 saved_at = step
+                preemption.test_kill_point("after_save", step)
             if stop.requested:
                 break
     if progress is not None:

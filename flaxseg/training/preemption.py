@@ -52,3 +52,20 @@ def stop_on_signals():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# Fault injection for the resume tests (tests/test_reliability.py): FLAXSEG_TEST_KILL=<point>:<step>
+# SIGKILLs this process at that point of that step — 'mid_step' (the step computed, nothing
+# saved), 'mid_save' (a SIGKILL a few milliseconds into the checkpoint's save, from a timer
+# thread) or 'after_save' (the checkpoint committed). Unset in normal runs: nothing happens.
+TEST_KILL_VARIABLE = "FLAXSEG_TEST_KILL"
+
+
+def test_kill_point(point: str, step: int) -> None:
+    wanted = os.environ.get(TEST_KILL_VARIABLE)
+    if not wanted or wanted != f"{point}:{step}":
+        return
+    if point == "mid_save":
+        threading.Timer(0.005, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
