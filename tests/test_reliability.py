@@ -214,3 +214,18 @@ def test_an_unfinished_save_is_ignored_with_a_note(data_dir, tmp_path, capsys):
     assert f"Ignored {unfinished}: a save that never finished" in out
     assert "at step 2." in out and summary["step"] == 4
     assert (unfinished / "state" / "half_written").read_bytes() == b"\0" * 10
+
+
+def test_evaluation_reads_only_the_variables(data_dir, tmp_path, monkeypatch):
+    loop.train_and_evaluate(tiny_config(data_dir, steps=2, checkpoint_every=2), tmp_path)
+    seen = []
+    original = checkpointing.restore_variables
+
+    def spy(manager, step, abstract, sharding):
+        restored = original(manager, step, abstract, sharding)
+        seen.append(sorted(restored["state"]))
+        return restored
+
+    monkeypatch.setattr(checkpointing, "restore_variables", spy)
+    assert evaluation.evaluate_workdir(tmp_path)["step"] == 2
+    assert seen == [["params"]]  # this FCN has no BatchNorm; no optimiser state, no step

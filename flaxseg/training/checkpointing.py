@@ -14,6 +14,7 @@ run never leaves a half-written checkpoint behind as the latest.
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -95,16 +96,42 @@ def _reason(error: Exception) -> str:
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
+class NotTheCheckpoint(Exception):
+    """Raised (from the real error) by a `restore_fn` for a failure that is not the checkpoint's
+    fault, e.g. a bad flag; `restore_intact` re-raises the real error instead of trying an older
+    checkpoint."""
+
+
+def restore_variables(manager, step: int, abstract_variables: dict, sharding) -> dict:
+    """{'state': {'params', 'batch_stats'}, 'meta'} of checkpoint `step`, reading only those
+    arrays (not the optimiser state) and placing them with `sharding`: what evaluation needs."""
+    item = {k: v for k, v in abstract_variables.items() if jax.tree.leaves(v)}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return {"state": restored["state"], "meta": restored["meta"]}
+
+
 def restore_intact(
-    manager, steps, abstract_state: Optional[Any] = None, on_damaged=print
+    manager, steps, abstract_state: Optional[Any] = None, on_damaged=print, restore_fn=None
 ) -> tuple[int, dict]:
     """Restores the newest of `steps` that restores; each one that does not (a truncated or
     missing file, an unfinished save) is reported through `on_damaged(step, sentence)` and left
-    where it is. Raises ValueError when none restores."""
+    where it is. Raises ValueError when none restores. `restore_fn(manager, step)` replaces
+    the full restore (evaluation reads only the variables)."""
     where = Path(manager.directory)
+    if restore_fn is None:
+        restore_fn = lambda manager, step: restore(manager, step, abstract_state)  # noqa: E731
     for step in sorted(steps, reverse=True):
         try:
-            return step, restore(manager, step, abstract_state)
+            return step, restore_fn(manager, step)
+        except NotTheCheckpoint as error:
+            raise error.__cause__ from None
         except Exception as error:  # Orbax and TensorStore raise many types for damaged files
             on_damaged(
                 step,
@@ -125,7 +152,9 @@ def set_aside(workdir, step: int) -> Path:
     return target
 
 
-def restore_workdir(workdir, which: str = "latest", flag: str = "--workdir") -> tuple[int, dict]:
+def restore_workdir(
+    workdir, which: str = "latest", flag: str = "--workdir", restore_fn=None
+) -> tuple[int, dict]:
     """(step, {'state', 'data', 'meta'}) of checkpoint `which` ('latest', 'best' or a step) of a
     trained workdir, read-only; one clear error when the workdir holds none. For 'latest' a
     damaged newest checkpoint is reported and the newest intact one is used."""
@@ -138,9 +167,13 @@ def restore_workdir(workdir, which: str = "latest", flag: str = "--workdir") -> 
     manager = create_manager(workdir, read_only=True)
     step = resolve_step(manager, which)
     if which == "latest":
-        return restore_intact(manager, manager.all_steps(), on_damaged=lambda s, m: print(m))
+        return restore_intact(
+            manager, manager.all_steps(), on_damaged=lambda s, m: print(m), restore_fn=restore_fn
+        )
     try:
-        return step, restore(manager, step)
+        return step, (restore_fn or restore)(manager, step)
+    except NotTheCheckpoint as error:
+        raise error.__cause__ from None
     except Exception as error:  # a damaged checkpoint asked for by name
         raise ValueError(
             f"Checkpoint step {step} in {directory} could not be restored ({_reason(error)}); "

@@ -5,6 +5,7 @@ import functools
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -75,31 +76,49 @@ def evaluate_workdir(
 ) -> dict:
     """Restores a checkpoint from `workdir` alone and evaluates it on `split`; returns the
     summary and the report."""
-    step, restored = checkpointing.restore_workdir(workdir, checkpoint)
-    meta = restored["meta"]
-    config = ml_collections.ConfigDict(meta["config"])
+    mesh = create_mesh()
+    built = {}
+
+    def restore_variables(manager, step):
+        """Only the parameters and BatchNorm statistics, shaped by the recorded model."""
+        meta = checkpointing.read_meta(manager, step)
+        config = ml_collections.ConfigDict(meta["config"])
+        spec = dict(meta["model_spec"])
+        if output_stride:
+            spec["model_kwargs"] = {**spec["model_kwargs"], "output_stride": output_stride}
+        try:
+            model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])
+        except ValueError as error:  # e.g. --output_stride=12: the flag's fault
+            raise checkpointing.NotTheCheckpoint() from error
+        image = jnp.zeros((1, config.crop_size, config.crop_size, 3))
+        shapes = jax.eval_shape(
+            functools.partial(model.init, train=False), jax.random.key(0), image
+        )
+        abstract = {k: shapes.get(k, {}) for k in ("params", "batch_stats")}
+        built.update(config=config, spec=spec, model=model)
+        return checkpointing.restore_variables(manager, step, abstract, replicated(mesh))
+
+    step, restored = checkpointing.restore_workdir(
+        workdir, checkpoint, restore_fn=restore_variables
+    )
+    config, spec, model = built["config"], built["spec"], built["model"]
     if data_dir:
         config.data_dir = data_dir
     if manual_dir:
         config.manual_dir = manual_dir
     if batch_size:
         config.eval_batch_size = batch_size
-    spec = dict(meta["model_spec"])
-    if output_stride:
-        spec["model_kwargs"] = {**spec["model_kwargs"], "output_stride": output_stride}
     if config.eval_batch_size % jax.device_count():
         raise ValueError(
             f"--batch_size={config.eval_batch_size} is not divisible by the "
             f"{jax.device_count()} devices."
         )
-    model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])
-    mesh = create_mesh()
     saved = restored["state"]
     state = state_lib.TrainState.create(
         apply_fn=model.apply,
         tx=optax.set_to_zero(),
-        params=jax.device_put(saved["params"], replicated(mesh)),
-        batch_stats=jax.device_put(saved.get("batch_stats") or {}, replicated(mesh)),
+        params=saved["params"],
+        batch_stats=saved.get("batch_stats") or {},
     )
     num_classes = spec["num_classes"]
     eval_fn = jit_eval_step(num_classes, config.ignore_label, mesh)
