@@ -89,6 +89,8 @@ def main(argv):
     config = cli.run_or_exit("train.py", cli.apply_overrides, FLAGS.config, overrides)
     workdir = FLAGS.workdir or f"runs/{config.model}"
     summary = cli.run_or_exit("train.py", loop.train_and_evaluate, config, workdir)
+    if not summary.get("preempted"):
+        print(f"Checkpoints and TensorBoard files are in {Path(workdir).absolute()}.")
     print(summary["report"])
 
 

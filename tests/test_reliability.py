@@ -229,3 +229,27 @@ def test_evaluation_reads_only_the_variables(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpointing, "restore_variables", spy)
     assert evaluation.evaluate_workdir(tmp_path)["step"] == 2
     assert seen == [["params"]]  # this FCN has no BatchNorm; no optimiser state, no step
+
+
+def test_out_of_memory_gets_one_sentence_with_a_hint(capsys):
+    import jax.numpy as jnp
+
+    from flaxseg.training import cli
+
+    def too_big():  # 4 TiB: XLA refuses the allocation with RESOURCE_EXHAUSTED
+        return jax.jit(lambda: jnp.ones((1 << 40,), jnp.float32))()
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_or_exit("train.py", too_big)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: the device ran out of memory")
+    assert "--batch_size" in lines[0] and "--crop_size" in lines[0]
+
+
+def test_unwritable_workdir_is_refused_before_set_up(data_dir, tmp_path, monkeypatch):
+    # Root (as in CI) may write anywhere, so the permission answer is simulated.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=r"--workdir=.*wd is not writable"):
+        loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()

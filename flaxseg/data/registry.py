@@ -5,7 +5,9 @@ Adding a dataset is one builder module (a TFDS builder whose features are
 `voc.segmentation_features`) and one row in DATASETS.
 """
 
+import contextlib
 import dataclasses
+import io
 from collections.abc import Callable
 
 import numpy as np
@@ -136,8 +138,19 @@ def get_data_source(
         raise ValueError(f"Unknown split {split!r}; valid splits are {', '.join(sorted(SPLITS))}.")
     builder = get_builder(dataset, data_dir)
     if not builder.is_prepared():
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-        )
+        # TFDS narrates a preparation ("Downloading and preparing dataset Unknown size", shuffling
+        # bars) that means nothing for the embedded synthetic set, built in seconds: hush it.
+        quiet = dataset == "synthetic"
+        with _silenced() if quiet else contextlib.nullcontext():
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+            )
     return builder.as_data_source(split=SPLITS[split])
+
+
+@contextlib.contextmanager
+def _silenced():
+    """stdout and stderr swallowed (errors still raise, with their messages)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -31,6 +31,7 @@ def quiet_library_logs() -> None:
         "did not provide metrics",
         "Given directory is read only",
         "OpenCV is not installed",  # TFDS falls back to PIL, which flaxseg uses anyway
+        "has no dataset_info.json",  # TFDS, about a dataset version it is about to build
     )
     logging.get_absl_logger().addFilter(
         lambda record: not any(text in record.getMessage() for text in expected)
@@ -63,6 +64,17 @@ def run_or_exit(program: str, fn, *args, **kwargs):
     except (ValueError, OSError) as error:  # OSError: missing, existing or unwritable paths
         logging.debug("%s failed", program, exc_info=True)
         print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        logging.debug("%s failed", program, exc_info=True)
+        reason = str(error).strip().splitlines()[0]
+        print(
+            f"{program}: error: the device ran out of memory ({reason}); lower --batch_size or "
+            "--crop_size, or compute in bfloat16 with --config.dtype=bfloat16.",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -23,7 +23,7 @@ def jit_eval_step(num_classes: int, ignore_label: int, mesh):
 
 
 def evaluate(
-    state, eval_iterator, eval_fn, mesh, num_classes: int, label_transform=None
+    state, eval_iterator, eval_fn, mesh, num_classes: int, label_transform=None, progress=False
 ) -> np.ndarray:
     """Runs the eval step over a finite iterator; returns the summed confusion matrix (int64).
 
@@ -31,6 +31,10 @@ def evaluate(
     boundary band, by setting the others to the ignore label.
     """
     confusion = np.zeros((num_classes, num_classes), np.int64)
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        eval_iterator = tqdm(eval_iterator, desc="validation", unit="batch", leave=False)
     for batch in eval_iterator:
         if label_transform is not None:
             batch = {**batch, "label": label_transform(batch["label"])}

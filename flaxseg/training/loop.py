@@ -209,6 +209,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     mesh = create_mesh()
     tx, schedule = create_optimizer(config)
     state = init_state(model, tx, config, mesh)
+    reporting.say(f"Workdir: {workdir.absolute()} (checkpoints/, tensorboard/).")
     reporting.say(
         f"{config.model}: {models.count_params(state.params):,} parameters, "
         f"{jax.device_count()} device(s), global batch {config.batch_size}, loss {config.loss}"
@@ -252,7 +253,12 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
 
     def validate(state):
         confusion = evaluation.evaluate(
-            state, inputs.create_eval_iterator(config), eval_fn, mesh, config.num_classes
+            state,
+            inputs.create_eval_iterator(config),
+            eval_fn,
+            mesh,
+            config.num_classes,
+            progress=config.progress_bar,
         )
         return confusion, evaluation.summarize(confusion)
 

@@ -12,7 +12,9 @@ import jax
 def say(message: str) -> None:
     """Print one line (process 0 only), flushed so that it interleaves with the progress bar."""
     if jax.process_index() == 0:
-        print(message, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(message)  # on its own line, also while a progress bar is drawn
 
 
 def progress_bar(total: int, initial: int, enabled: bool = True):
