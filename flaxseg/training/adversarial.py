@@ -37,7 +37,7 @@ def _bce(logits, target: float):
 def _segment(state, params, batch, rng, train: bool = True):
     """The segmenter's logits and updated collections on the batch (train mode by default)."""
     return state.apply_fn(
-        steps._variables(params, state.batch_stats),
+        steps.model_variables(params, state.batch_stats),
         batch["image"],
         train=train,
         mutable=["batch_stats", AUX_COLLECTION],

@@ -272,20 +272,33 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     progress = reporting.progress_bar(config.steps, start, config.progress_bar)
     window, window_start = [], time.perf_counter()
     save = functools.partial(checkpointing.save, manager, meta=meta)
-    saved_at = start
+    saved_at, unchecked = start, []
     with preemption.stop_on_signals() as stop:
         for step in range(start + 1, last_step + 1):
             step_fn = pretrain_fn if step <= pretrain_steps else train_fn
             batch = shard_batch(next(train_iterator), mesh)
             state, train_metrics = step_fn(state, batch, dropout_rng)
             preemption.test_kill_point("mid_step", step)
-            if float(train_metrics.get("nonfinite", 0.0)) and not config.skip_nonfinite:
-                progress is not None and progress.close()
-                raise NonFiniteError(
-                    f"Training diverged at step {step}: the loss or a gradient is not finite; "
-                    f"{_last_good(manager, workdir)} Lower --lr, or pass "
-                    "--config.skip_nonfinite=True to skip such updates."
-                )
+            if "nonfinite" in train_metrics and not config.skip_nonfinite:
+                unchecked.append((step, train_metrics["nonfinite"]))
+            # The divergence flags are read back lazily (reading one every step would stall the
+            # accelerator's queue), but always before anything is logged, evaluated or saved.
+            if unchecked and (
+                step % config.log_every == 0
+                or step % config.eval_every == 0
+                or step % config.checkpoint_every == 0
+                or step == last_step
+                or stop.requested
+            ):
+                diverged = [s for s, flag in jax.device_get(unchecked) if flag]
+                unchecked = []
+                if diverged:
+                    progress is not None and progress.close()
+                    raise NonFiniteError(
+                        f"Training diverged at step {diverged[0]}: the loss or a gradient is not "
+                        f"finite; {_last_good(manager, workdir)} Lower --lr, or pass "
+                        "--config.skip_nonfinite=True to skip such updates."
+                    )
             if window and set(train_metrics) != set(window[0]):  # pre-training ended
                 window, window_start = [], time.perf_counter()
             window.append(train_metrics)

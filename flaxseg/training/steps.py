@@ -20,7 +20,8 @@ from flaxseg import metrics as metrics_lib
 from flaxseg.models.layers import AUX_COLLECTION
 
 
-def _variables(params, batch_stats):
+def model_variables(params, batch_stats):
+    """The variables dict `apply` takes: params, plus BatchNorm statistics when the model has any."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
@@ -66,7 +67,7 @@ def train_step(
 
     def objective(params):
         logits, updates = state.apply_fn(
-            _variables(params, state.batch_stats),
+            model_variables(params, state.batch_stats),
             batch["image"],
             train=True,
             mutable=["batch_stats", AUX_COLLECTION],
@@ -117,7 +118,7 @@ def eval_step(
     """Confusion matrix [num_classes, num_classes] of the batch (summed over `axis_name` if
     given)."""
     logits = state.apply_fn(
-        _variables(state.params, state.batch_stats), batch["image"], train=False
+        model_variables(state.params, state.batch_stats), batch["image"], train=False
     )
     predictions = jnp.argmax(logits, axis=-1)
     confusion = metrics_lib.confusion_matrix(batch["label"], predictions, num_classes, ignore_label)
