@@ -21,7 +21,7 @@ from flaxseg.models.layers import AUX_COLLECTION
 
 
 def model_variables(params, batch_stats):
-    """The variables dict `apply` takes: params, plus BatchNorm statistics when the model has any."""
+    """The variables dict `apply` takes: params, plus BatchNorm statistics if the model has any."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
