@@ -1,0 +1,117 @@
+"""What the flaxseg-vs-PyTorch benchmarks share: importing torchvision on CPU torch, one timing
+rule, the two train/eval step pairs (same data, same SGD, same loss) and the table.
+
+Both sides are timed after a warm-up call (JAX compiles there) as the mean of ``steps`` calls.
+"""
+
+import functools
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxseg.training import losses, optim, steps
+from flaxseg.training import state as state_lib
+
+
+def import_torchvision():
+    """torchvision on a CPU-only torch: its compiled-op registrations are stubbed (DESIGN.md)."""
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    import torchvision
+
+    return torchvision
+
+
+def timed(fn, steps_to_time: int) -> float:
+    """Seconds per call of ``fn`` after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(steps_to_time):
+        fn()
+    return (time.perf_counter() - start) / steps_to_time
+
+
+def random_batch(batch_size: int, height: int, width: int, num_classes: int, seed: int = 0):
+    """NHWC float32 images and int32 labels (numpy)."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch_size, height, width, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, (batch_size, height, width)).astype(np.int32)
+    return images, labels
+
+
+def torch_steps(module, images, labels, aux_loss_weight: float = 0.0, lr: float = 0.01):
+    """(train, eval) closures for a torch segmentation ``module``: SGD momentum 0.9, weight
+    decay 1e-4, cross-entropy ignoring 255; a dict output's 'aux' adds ``aux_loss_weight`` × CE."""
+    import torch
+
+    images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    labels_t = torch.from_numpy(labels.astype(np.int64))
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+
+    def train():
+        module.train()
+        optimizer.zero_grad()
+        out = module(images_t)
+        if isinstance(out, dict):
+            loss = criterion(out["out"], labels_t)
+            if "aux" in out:
+                loss = loss + aux_loss_weight * criterion(out["aux"], labels_t)
+        else:
+            loss = criterion(out, labels_t)
+        loss.backward()
+        optimizer.step()
+
+    def evaluate():
+        module.eval()
+        with torch.no_grad():
+            module(images_t)
+
+    return train, evaluate
+
+
+def flaxseg_steps(model, variables, images, labels, num_classes: int, aux_loss_weight=0.0):
+    """(train, eval) closures for a flaxseg ``model`` with the same recipe as ``torch_steps``."""
+    state = state_lib.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optim.create_optimizer(learning_rate=0.01),
+        batch_stats=variables.get("batch_stats", {}),
+    )
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step,
+            loss_fn=losses.build_loss("cross_entropy", num_classes=num_classes),
+            ignore_label=255,
+            aux_loss_weight=aux_loss_weight,
+        ),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False)
+    )
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    key = jax.random.key(0)
+    holder = {"state": state}
+
+    def train():
+        holder["state"], metrics = train_step(holder["state"], batch, key)
+        jax.block_until_ready(metrics)
+
+    def evaluate():
+        jax.block_until_ready(eval_step(holder["state"], batch["image"]))
+
+    return train, evaluate
+
+
+def print_table(title: str, rows, batch_size: int) -> None:
+    """``rows``: (name, train seconds per step, eval seconds per step[, extra columns dict])."""
+    print(f"# {title}")
+    print(f"| {'model':<40} | {'train img/s':>11} | {'eval img/s':>10} |")
+    print(f"|{'-' * 42}|{'-' * 13}|{'-' * 12}|")
+    for name, train_s, eval_s in rows:
+        print(f"| {name:<40} | {batch_size / train_s:>11.2f} | {batch_size / eval_s:>10.2f} |")
