@@ -164,6 +164,27 @@ def test_every_epoch_is_a_new_permutation_of_the_shard():
     assert halves[0].isdisjoint(halves[1]) and halves[0] | halves[1] == set(range(8))
 
 
+def test_hosts_share_one_global_stream_with_independent_augmentations():
+    # Issue 12: with n hosts, host k takes positions k, k + n, ... of ONE globally shuffled,
+    # position-seeded stream, so a 2-host step's two batches are exactly a 1-host batch of
+    # twice the size (same examples, same crops and flips), not two copies of host 0's draws.
+    source = _source(count=8)
+    single = _train_iterator(source, seed=4, batch_size=4)
+    hosts = [
+        _train_iterator(source, seed=4, batch_size=2, shard_index=i, shard_count=2)
+        for i in range(2)
+    ]
+    for _ in range(5):  # past the first epoch (8 examples = 2 global batches)
+        expected = next(single)
+        parts = [next(host) for host in hosts]
+        for key in ("image", "label"):
+            interleaved = np.stack([parts[0][key], parts[1][key]], axis=1)
+            np.testing.assert_array_equal(interleaved.reshape(expected[key].shape), expected[key])
+        # Hosts draw different examples (and so different augmentations) in the same step.
+        assert set(_ids(parts[0])).isdisjoint(_ids(parts[1]))
+        assert not np.array_equal(parts[0]["image"], parts[1]["image"])
+
+
 def test_state_is_json_and_resumes_exactly():
     source = _source()
     iterator = _train_iterator(source, seed=3)

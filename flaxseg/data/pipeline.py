@@ -5,8 +5,10 @@ Both read a random-access source of VOC example dicts (`get_data_source`):
 batches {'image': float32 [B, h, w, 3] normalised, 'label': int32 [B, h, w], 255 = ignore}
 with static shapes, so a jitted step compiles once (training) or once per bucket (eval).
 
-Multi-host: each host reads its own shard (`shard_index`/`shard_count`, default
-`jax.process_index()`/`jax.process_count()`) and `batch_size` is the per-host batch size.
+Multi-host: each host reads its own share (`shard_index`/`shard_count`, default
+`jax.process_index()`/`jax.process_count()`) of one global, per-epoch shuffle, with
+augmentations that depend on the example's global position only; `batch_size` is the
+per-host batch size.
 """
 
 import functools
@@ -160,9 +162,11 @@ def create_train_iterator(
 ):
     """An endless, deterministic iterator of augmented training batches.
 
-    This host's shard of `source` is shuffled with `seed` (differently in every epoch),
-    repeated forever, augmented by `train_transform` with a generator seeded from `seed` and
-    the example's position in the stream, and batched with drop_remainder, so every batch is
+    All of `source` is shuffled with `seed` (differently in every epoch), repeated forever and
+    augmented by `train_transform` with a generator seeded from `seed` and the example's
+    position in that global stream; this host takes every `shard_count`-th example of it from
+    `shard_index` on (so with n hosts of batch_size b, the n batches of a step together are the
+    batch of one host with batch_size n·b), batched with drop_remainder, so every batch is
     {'image': float32 [batch_size, crop_size, crop_size, 3],
      'label': int32 [batch_size, crop_size, crop_size]}.
 
@@ -185,10 +189,13 @@ def create_train_iterator(
         raise ValueError(
             f"The source has {len(source)} examples, too few for {shard_count} shards."
         )
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
-    dataset = dataset.shuffle(seed=seed).repeat()
-    # Per-example generators come from (seed + 1, position in the endless stream): a resumed
-    # iterator replays exactly the same augmentations.
+    # One global stream for all hosts: every host shuffles ALL examples with the same seed
+    # (a new permutation each epoch) and augments each with a generator seeded from (seed + 1,
+    # its position in the global stream); host k then takes positions k, k + n, k + 2n, ...
+    # So the hosts' batches are disjoint, their augmentations independent, and the global
+    # batch of an n-host run is exactly the batch of a 1-host run with the same seed.
+    # A resumed iterator replays the same examples and augmentations.
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     dataset = dataset.random_map(
         functools.partial(
             _train_example,
@@ -201,6 +208,7 @@ def create_train_iterator(
         ),
         seed=seed + 1,
     )
+    dataset = dataset[shard_index::shard_count]
     dataset = dataset.to_iter_dataset(
         grain.ReadOptions(
             num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, num_threads)
