@@ -1,6 +1,7 @@
 """Evaluates the checkpoint in a workdir: per-class IoU, pixel accuracy and, last, `mIoU: 0.xxxx`.
 
 python eval.py --workdir=/tmp/fcn8s [--split=validation] [--checkpoint=latest|best|STEP]
+    [--scales=0.5,0.75,1.0,1.25,1.5,1.75] [--flip] [--window=513 --overlap=0.33] [--crf]
 """
 
 from absl import app, flags
@@ -17,15 +18,22 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir, if different from training
 flags.DEFINE_string("manual_dir", None, "Folder with the VOC archives, if different from training.")
 flags.DEFINE_integer("batch_size", None, "Global evaluation batch size.")
 flags.DEFINE_integer("output_stride", None, "Evaluate at another output stride (DeepLab models).")
+flags.DEFINE_list("scales", ["1.0"], "Test-time scales; softmax averaged over them.")
+flags.DEFINE_boolean("flip", False, "Also average the horizontally flipped images' softmax.")
+flags.DEFINE_integer("window", None, "Sliding-window side in pixels (default: whole images).")
+flags.DEFINE_float("overlap", 0.33, "Overlap of neighbouring sliding windows, in [0, 1).")
+flags.DEFINE_boolean("crf", False, "Refine the probabilities with the dense CRF.")
 
 
-def main(argv):
-    del argv
-    cli.enable_compilation_cache()
-    cli.quiet_library_logs()
-    summary = cli.run_or_exit(
-        "eval.py",
-        evaluation.evaluate_workdir,
+def _evaluate():
+    options = evaluation.InferenceOptions(
+        scales=evaluation.parse_scales(FLAGS.scales),
+        flip=FLAGS.flip,
+        window=FLAGS.window,
+        overlap=FLAGS.overlap,
+        crf=FLAGS.crf,
+    )
+    return evaluation.evaluate_workdir(
         FLAGS.workdir,
         split=FLAGS.split,
         checkpoint=FLAGS.checkpoint,
@@ -33,8 +41,19 @@ def main(argv):
         manual_dir=FLAGS.manual_dir,
         batch_size=FLAGS.batch_size,
         output_stride=FLAGS.output_stride,
+        options=options,
     )
-    print(f"checkpoint step {summary['step']}, split {FLAGS.split}")
+
+
+def main(argv):
+    del argv
+    cli.enable_compilation_cache()
+    cli.quiet_library_logs()
+    summary = cli.run_or_exit("eval.py", _evaluate)
+    print(
+        f"checkpoint step {summary['step']}, split {FLAGS.split}, eval step compiled "
+        f"{summary['compilations']} times (one per image-size bucket)"
+    )
     print(summary["report"])
 
 

@@ -516,14 +516,17 @@ def test_bad_output_stride_at_apply_is_one_clear_error():
         )
 
 
+_RESNETS = "'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d'"
+
+
 @pytest.mark.parametrize(
     "name,valid",
     [
         ("deeplabv1", "'vgg16', 'vgg16_bn'"),
-        ("deeplabv2", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
-        ("deeplabv3", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
-        ("deeplabv3plus", "'resnet50', 'resnet101', 'resnet152', 'xception65'"),
-        ("fcn_resnet", "'resnet50', 'resnet101', 'resnet152'"),
+        ("deeplabv2", _RESNETS + ", 'xception65'"),
+        ("deeplabv3", _RESNETS + ", 'xception65'"),
+        ("deeplabv3plus", _RESNETS + ", 'xception65'"),
+        ("fcn_resnet", _RESNETS),
     ],
 )
 def test_unknown_backbone_lists_valid_ones(name, valid):

@@ -93,7 +93,7 @@ def test_multi_grid_multiplies_the_last_stage_rate(output_stride, rates):
     [
         (dict(output_stride=4), "output_stride must be one of 8, 16, 32, got 4"),
         (dict(output_stride=12), "output_stride must be one of 8, 16, 32, got 12"),
-        (dict(depth=34), "ResNet depth must be one of 50, 101, 152, got 34"),
+        (dict(depth=26), "ResNet depth must be one of 18, 34, 50, 101, 152, got 26"),
         (dict(multi_grid=(1, 2)), "multi_grid must hold 3 positive integer rates"),
         (dict(multi_grid=(1, 0, 2)), "multi_grid must hold 3"),
     ],
@@ -112,7 +112,7 @@ def test_resnet_feature_shapes_at_odd_size(output_stride, deep_stem):
     features = jax.eval_shape(
         module.apply, variables, jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
     )
-    assert sorted(features) == [4, 8, 16, 32]
+    assert sorted(features) == [2, 4, 8, 16, 32]
     for stride, feature in features.items():
         steps = min(stride, output_stride).bit_length() - 1  # dilated stages keep the size
         assert feature.shape == (
@@ -121,7 +121,7 @@ def test_resnet_feature_shapes_at_odd_size(output_stride, deep_stem):
             _downsampled(width, steps),
             resnet_channels(50, 4)[stride],
         )
-    assert module.out_channels == {4: 16, 8: 32, 16: 64, 32: 128}
+    assert module.out_channels == {2: 4, 4: 16, 8: 32, 16: 64, 32: 128}
 
 
 def test_output_stride_and_multi_grid_change_no_parameter_shape():
@@ -280,11 +280,11 @@ def test_xception_rejects_bad_arguments():
 def test_backbone_factory_builds_every_backbone_by_name():
     with pytest.raises(
         ValueError,
-        match="Unknown backbone 'resnet18'; valid backbones: "
-        "'resnet50', 'resnet101', 'resnet152', 'xception65', "
+        match="Unknown backbone 'resnet26'; valid backbones: 'resnet18', 'resnet34', "
+        "'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'xception65', "
         "'vgg16', 'vgg16_bn', 'alexnet'",
     ):
-        backbones.create("resnet18")
+        backbones.create("resnet26")
     module = backbones.create(
         "xception65", output_stride=8, multi_grid=(1, 2, 4), base_width=8, name="backbone"
     )
@@ -292,7 +292,7 @@ def test_backbone_factory_builds_every_backbone_by_name():
     assert (module.output_stride, module.base_width, module.name) == (8, 8, "backbone")
     deep = backbones.create("resnet152", output_stride=16, deep_stem=True)
     assert isinstance(deep, ResNet) and (deep.depth, deep.deep_stem) == (152, True)
-    assert backbones.channels("resnet101") == {4: 256, 8: 512, 16: 1024, 32: 2048}
+    assert backbones.channels("resnet101") == {2: 64, 4: 256, 8: 512, 16: 1024, 32: 2048}
     for name in backbones.NAMES:  # channels() agrees with the modules it describes
         assert backbones.channels(name, 8) == backbones.create(name, base_width=8).out_channels
     with pytest.raises(ValueError, match="deep_stem is a ResNet option"):

@@ -74,8 +74,8 @@ def test_train_mode_updates_batch_stats_and_uses_dropout(name):
 def test_bad_arguments_raise_one_clear_error():
     with pytest.raises(ValueError, match="valid backbones: 'vgg16_bn'"):
         models.create_model("segnet", num_classes=21, backbone="vgg16")
-    with pytest.raises(ValueError, match="'unet', 'resnet50', 'resnet101', 'resnet152'"):
-        models.create_model("unet", num_classes=2, backbone="resnet34")
+    with pytest.raises(ValueError, match="'unet', 'resnet18', 'resnet34', 'resnet50', 'resnet101'"):
+        models.create_model("unet", num_classes=2, backbone="resnet26")
     with pytest.raises(ValueError, match="'same', 'valid'"):
         models.create_model("unet", num_classes=2, padding="reflect")
     with pytest.raises(ValueError, match="needs backbone='unet'"):
@@ -217,7 +217,7 @@ def test_unet_paper_encoder_has_no_pretrained_backbone(tmp_path):
 
 
 def test_unet_paper_geometry_and_parameter_count():
-    model = models.create_model("unet", num_classes=2, padding="valid")
+    model = models.create_model("unet", num_classes=2, padding="valid", in_channels=1)
     x = jax.ShapeDtypeStruct((1, 572, 572, 1), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     assert jax.eval_shape(model.apply, shapes, x).shape == (1, 388, 388, 2)
@@ -241,7 +241,9 @@ def test_unet_valid_crops_align_encoder_and_decoder():
     # Unpadded convolutions are translation-equivariant, and so is the whole net for shifts
     # by a multiple of 16 (4 pools) if and only if every skip is cropped at the right offset:
     # the tile at offset 16 of a larger input gives exactly the shifted output.
-    model = models.create_model("unet", num_classes=2, padding="valid", base_channels=2)
+    model = models.create_model(
+        "unet", num_classes=2, padding="valid", base_channels=2, in_channels=1
+    )
     big = _images(1, 204, 204, channels=1)
     variables = random_variables(model, big)
     out_big = _apply(model, variables, big)

@@ -190,8 +190,8 @@ def resnet50_state():
 
 
 def test_unknown_arch_is_one_clear_error(resnet50_state):
-    with pytest.raises(weights.WeightsError, match="Unknown torchvision arch 'resnet18'.*resnet50"):
-        weights.convert_torchvision("resnet18", resnet50_state)
+    with pytest.raises(weights.WeightsError, match="Unknown torchvision arch 'resnet26'.*resnet50"):
+        weights.convert_torchvision("resnet26", resnet50_state)
     with pytest.raises(weights.WeightsError, match="Unknown timm arch 'xception41'"):
         weights.convert_timm("xception41", resnet50_state)
 

@@ -21,3 +21,12 @@ TINY_KWARGS = {
     ),
     "fcn_resnet": dict(backbone="resnet50", base_width=4, aux_head=True),
 }
+
+# Tiny widths of the encoder models (U-Net with an encoder = smp's Unet, DeepLab v3+'s smp
+# head) for tests/test_encoders_training.py; the test adds ``backbone=<encoder>``.
+TINY_ENCODER_KWARGS = {
+    "unet": dict(base_channels=8),
+    "deeplabv3plus": dict(
+        head="smp", base_width=8, aspp_channels=8, low_level_channels=4, decoder_channels=8
+    ),
+}

@@ -31,6 +31,7 @@ class DatasetInfo:
       colormap: a callable returning the colour of each label value, uint8 [256, 3]
         (`colorize(label_map, info.colormap)`).
       ignore_label: label value that is never trained on or scored.
+      channels: the images' channel count (3: RGB); a model's in_channels must equal it.
       homepage, description: for humans.
     """
 
@@ -41,6 +42,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     colormap: Callable[[], np.ndarray]
     ignore_label: int = IGNORE_LABEL
+    channels: int = 3
     homepage: str = ""
     description: str = ""
 

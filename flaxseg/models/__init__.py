@@ -15,6 +15,10 @@ initialise). Adding an architecture is one file and one line of the registry bel
 
 Contract shared by every model:
   - NHWC float images of any H, W; logits come back float32 at exactly the input's H, W.
+  - ``in_channels`` (default 3) is the images' channel count, e.g.
+    ``create_model('unet', num_classes=2, in_channels=1)``; images of another count are
+    refused in one sentence. Pretrained RGB weights are adapted to it as smp does
+    (``flaxseg.weights.adapt_first_conv``).
   - Parameters are float32; ``dtype`` is the compute dtype.
   - ``train=True`` needs ``rngs={'dropout': key}`` where the model has dropout and
     ``mutable=['batch_stats']`` where it has BatchNorm.

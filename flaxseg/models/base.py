@@ -1,11 +1,14 @@
 """The skeleton every flaxseg model shares, so that a model file only wires backbone, head and
 decoder (as torchvision's ``_SimpleSegmentationModel`` and smp's ``SegmentationModel`` do).
 
-``SegmentationModel`` holds the fields every model has (``num_classes``, ``dtype``,
-``param_dtype``) and does, once for all of them:
+``SegmentationModel`` holds the fields every model has (``num_classes``, ``in_channels``,
+``dtype``, ``param_dtype``) and does, once for all of them:
   - argument checks at construction: ``backbone`` against the class's ``BACKBONES`` (or
     ``valid_backbones()``), ``output_stride`` where the model has one, ``num_classes`` ≥ 1,
-    then the model's own ``check_arguments()``;
+    ``in_channels`` ≥ 1, then the model's own ``check_arguments()``;
+  - the input check: every subclass's ``__call__`` first checks that the images are NHWC with
+    ``in_channels`` channels (``check_images``; wrapped in by ``__init_subclass__``, so no model
+    file has to remember it and none can skip it);
   - ``resolve_output_stride(output_stride)``: the apply-time override, else the constructor's;
   - ``create_backbone(...)``: ``backbones.create`` with the model's backbone, width and dtypes,
     named ``backbone``;
@@ -16,6 +19,7 @@ decoder (as torchvision's ``_SimpleSegmentationModel`` and smp's ``SegmentationM
 """
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -68,10 +72,15 @@ class PretrainedBackbone:
 
 
 class SegmentationModel(nn.Module):
-    """Base of every registered model: [B, H, W, 3] images -> [B, H, W, num_classes] float32.
+    """Base of every registered model: [B, H, W, in_channels] images -> [B, H, W, num_classes]
+    float32.
 
     Subclasses declare their fields (all with defaults, including ``backbone``), set ``TITLE``
-    (the name errors use) and ``BACKBONES``, and write ``__call__``.
+    (the name errors use) and ``BACKBONES``, and write ``__call__(self, images, ...)``.
+
+    ``in_channels`` (default 3, RGB) is the images' channel count; the first convolution takes
+    its input width from it. Pretrained RGB weights are adapted to it by
+    ``flaxseg.weights.adapt_first_conv`` (as segmentation_models_pytorch does).
     """
 
     TITLE: ClassVar[str] = "model"
@@ -80,6 +89,20 @@ class SegmentationModel(nn.Module):
     num_classes: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    in_channels: int = 3
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Wrapped before flax wraps its methods, so that init and apply both check the images.
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+
+            @functools.wraps(call)
+            def checked_call(self, images, *args, **kwargs):
+                self.check_images(images)
+                return call(self, images, *args, **kwargs)
+
+            cls.__call__ = checked_call
+        super().__init_subclass__(**kwargs)
 
     def __post_init__(self):
         self.check_arguments()
@@ -87,7 +110,23 @@ class SegmentationModel(nn.Module):
         if getattr(self, "output_stride", None) is not None:
             check_output_stride(self.output_stride)
         check_at_least("num_classes", self.num_classes)
+        check_at_least("in_channels", self.in_channels)
         super().__post_init__()
+
+    def check_images(self, images: jax.Array) -> None:
+        """One sentence for images that are not [B, H, W, in_channels] (checked at trace time)."""
+        shape = tuple(getattr(images, "shape", ()))
+        if len(shape) != 4 or shape[-1] != self.in_channels:
+            hint = (
+                f"; build the model with in_channels={shape[-1]} or give it "
+                f"{self.in_channels}-channel images"
+                if len(shape) == 4
+                else ""
+            )
+            raise ValueError(
+                f"{self.TITLE} with in_channels={self.in_channels} expects NHWC images of shape "
+                f"[batch, height, width, {self.in_channels}], got shape {shape}{hint}."
+            )
 
     def check_arguments(self) -> None:
         """The model's own argument checks (run before the shared ones)."""

@@ -17,19 +17,34 @@ output stride 8 and no multi-grid (torchvision's rates 12/24/36 are the paper's 
 ``aux_head=True`` adds torchvision's auxiliary FCNHead on the stride-16 features (layer3); its
 logits go to the ``'aux'`` collection (``layers.sow_aux_logits``).
 
+``head='smp'`` is segmentation_models_pytorch's ``DeepLabV3`` (smp 0.6.0): torchvision's head
+(ASPP with dropout 0.5, 3×3 conv 256 + BN + ReLU, 1×1 classifier), output stride 8 by default,
+but the encoder dilated smp's way (every unit of a dilated stage at the stage's rate,
+``dilation_style='smp'``), ASPP rates (12, 24, 36) at any output stride (smp's
+``decoder_atrous_rates``, not rescaled) and the logits upsampled with ``align_corners=True``.
+Its weights convert with ``flaxseg.weights.convert_smp``. smp refuses inputs that are not
+multiples of the output stride (where its ×8 upsampling is the resize to the input); this
+model resizes to the input's H×W at any size.
+
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from flaxseg.models.backbones import DILATED
 from flaxseg.models.backbones.resnet import torchvision_resnet_key_map
 from flaxseg.models.base import SegmentationModel
 from flaxseg.models.heads import (
     ASPP,
+    SMP_ATROUS_RATES,
+    SMP_ENCODERS,
     default_multi_grid,
+    resize_bilinear_aligned,
     scale_atrous_rates,
+    smp_aspp_key_map,
+    smp_dilation,
     torchvision_aspp_key_map,
     torchvision_fcn_head_key_map,
 )
@@ -42,7 +57,7 @@ from flaxseg.models.layers import (
     prefix_key_map,
 )
 
-HEADS = ("paper", "torchvision")
+HEADS = ("paper", "torchvision", "smp")
 
 
 class DeepLabV3(SegmentationModel):
@@ -51,11 +66,12 @@ class DeepLabV3(SegmentationModel):
     Attributes:
       num_classes: output channels.
       backbone: 'resnet50', 'resnet101', 'resnet152' or 'xception65'.
-      output_stride: 8, 16 or 32; default 16 ('paper') or 8 ('torchvision').
+      output_stride: 8, 16 or 32; default 16 ('paper') or 8 ('torchvision', 'smp').
       multi_grid: layer4 unit rates; default (1, 2, 4) for ResNets with the paper head, else none.
-      head: 'paper' or 'torchvision' (see the module docstring).
+      head: 'paper', 'torchvision' or 'smp' (see the module docstring).
       aux_head: torchvision's auxiliary FCNHead on the stride-16 features.
-      atrous_rates: ASPP rates at output stride 16.
+      atrous_rates: ASPP rates at output stride 16 (scaled with it; default (6, 12, 18)); with
+        ``head='smp'`` the rates at any stride (default (12, 24, 36)).
       aspp_channels, base_width: width knobs (256 and 64 are the paper's).
     ``train=True`` needs ``mutable=['batch_stats']`` (and ``'aux'`` with ``aux_head``) and
     ``rngs={'dropout': key}``.
@@ -69,30 +85,39 @@ class DeepLabV3(SegmentationModel):
     multi_grid: tuple[int, ...] | None = None
     head: str = "paper"
     aux_head: bool = False
-    atrous_rates: tuple[int, ...] = (6, 12, 18)
+    atrous_rates: tuple[int, ...] | None = None
     aspp_channels: int = 256
     base_width: int = 64
 
     def check_arguments(self) -> None:
         check_choice(self.head, HEADS, "DeepLab v3 head")
 
+    def valid_backbones(self) -> tuple[str, ...]:
+        return SMP_ENCODERS if self.head == "smp" else self.BACKBONES
+
     @nn.compact
     def __call__(
         self, images: jax.Array, train: bool = False, output_stride: int | None = None
     ) -> jax.Array:
-        torchvision_head = self.head == "torchvision"
+        smp_head = self.head == "smp"
+        torchvision_head = self.head == "torchvision" or smp_head  # smp's is torchvision's
         output_stride = self.resolve_output_stride(output_stride, 8 if torchvision_head else 16)
         multi_grid = self.multi_grid or (
             (1, 1, 1) if torchvision_head else default_multi_grid(self.backbone)
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        features = self.create_backbone(output_stride=output_stride, multi_grid=multi_grid)(
-            images, train
-        )
+        dilation = smp_dilation(self.backbone) if smp_head else {}
+        features = self.create_backbone(
+            output_stride=output_stride, multi_grid=multi_grid, **dilation
+        )(images, train)
+        if smp_head:
+            rates = tuple(self.atrous_rates or SMP_ATROUS_RATES)
+        else:
+            rates = scale_atrous_rates(self.atrous_rates or (6, 12, 18), 16, output_stride)
         x = ASPP(
             self.aspp_channels,
-            scale_atrous_rates(self.atrous_rates, 16, output_stride),
+            rates,
             dropout_rate=0.5 if torchvision_head else 0.1,
             name="aspp",
             **kw,
@@ -102,6 +127,8 @@ class DeepLabV3(SegmentationModel):
         x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
         if self.aux_head:
             self.sow_aux_head(features[16], images, train)
+        if smp_head:
+            return resize_bilinear_aligned(x, images.shape[1:3]).astype(jnp.float32)
         return self.finish(x, images)
 
 
@@ -116,3 +143,14 @@ def torchvision_deeplabv3_key_map(depth: int = 101, aux_head: bool = False) -> K
     if aux_head:
         key_map.update(torchvision_fcn_head_key_map(("aux_head",), "aux_classifier"))
     return key_map
+
+
+def smp_deeplabv3_key_map(model: DeepLabV3) -> KeyMap:
+    """Flax paths of a ``DeepLabV3(head='smp')``'s decoder and head -> keys of smp's
+    ``DeepLabV3`` state dict; the encoder's part (``encoder.*``) is the backbone's key map."""
+    rates = model.atrous_rates or SMP_ATROUS_RATES
+    return {
+        **smp_aspp_key_map(("aspp",), "decoder.aspp", False, len(rates)),
+        **conv_bn_key_map(("head_conv",), "decoder.conv", "decoder.bn"),
+        **conv_key_map(("classifier",), "segmentation_head.0", bias=True),
+    }

@@ -13,6 +13,19 @@ With the Xception-65 backbone the ASPP atrous convs and the decoder convs are de
 ``separable`` overrides that choice. Multi-grid defaults to (1, 2, 4) on ResNets and none on
 Xception, as in the reference configurations.
 
+``head='smp'`` is segmentation_models_pytorch's ``DeepLabV3Plus`` (smp 0.6.0), whose head
+differs from the paper's: encoder dilated smp's way (every unit of a dilated stage at the
+stage's rate, ``dilation_style='smp'``), no multi-grid; ASPP rates (12, 24, 36) at any output
+stride (smp's ``decoder_atrous_rates``, not rescaled), separable ASPP branches by default
+(smp's ``SeparableConv2d``: depthwise → pointwise → BN → ReLU, ``heads.SMPSeparableConvBNAct``),
+dropout 0.5; then one more separable conv + BN + ReLU, bilinear upsampling with
+``align_corners=True`` to the stride-4 map, concatenation with its 1×1 conv 48 + BN + ReLU, a
+single separable conv 256 + BN + ReLU, a 1×1 classifier and ``align_corners=True`` upsampling
+to the input. Its weights convert with ``flaxseg.weights.convert_smp``. smp refuses inputs
+that are not multiples of the output stride (×4 and ×4 are then exact); this model resizes to
+the stride-4 map's and the input's sizes instead, so it runs at any H, W and equals smp's
+wherever smp runs.
+
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
 
@@ -22,8 +35,29 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import DILATED
 from flaxseg.models.base import PretrainedBackbone, SegmentationModel
-from flaxseg.models.heads import ASPP, default_multi_grid, scale_atrous_rates
-from flaxseg.models.layers import ConvBNAct, SeparableConv, resize_bilinear
+from flaxseg.models.heads import (
+    ASPP,
+    SMP_ATROUS_RATES,
+    SMP_ENCODERS,
+    SMPSeparableConvBNAct,
+    default_multi_grid,
+    resize_bilinear_aligned,
+    scale_atrous_rates,
+    smp_aspp_key_map,
+    smp_dilation,
+    smp_separable_key_map,
+)
+from flaxseg.models.layers import (
+    ConvBNAct,
+    KeyMap,
+    SeparableConv,
+    check_choice,
+    conv_bn_key_map,
+    conv_key_map,
+    resize_bilinear,
+)
+
+HEADS = ("paper", "smp")
 
 
 class DeepLabV3Plus(SegmentationModel):
@@ -35,8 +69,12 @@ class DeepLabV3Plus(SegmentationModel):
       output_stride: 8, 16 (default) or 32 of the encoder; the decoder always works at stride 4.
         Changes no parameter shape (override per call with ``apply(..., output_stride=8)``).
       multi_grid: last-stage unit rates (default: see the module docstring).
-      separable: depthwise-separable ASPP and decoder convs (default: with Xception).
-      atrous_rates: ASPP rates at output stride 16.
+      separable: depthwise-separable ASPP and decoder convs (default: with Xception; always
+        on with ``head='smp'``, where it sets the ASPP's only, as smp's
+        ``decoder_aspp_separable``).
+      atrous_rates: ASPP rates at output stride 16 (scaled with it); with ``head='smp'`` the
+        rates at any stride (default (12, 24, 36)).
+      head: 'paper' or 'smp' (see the module docstring).
       aspp_channels, low_level_channels, decoder_channels, base_width: widths (256, 48, 256, 64
         are the paper's); ``num_middle_units`` is Xception's middle-flow depth (16).
     ``train=True`` needs ``mutable=['batch_stats']`` and ``rngs={'dropout': key}``.
@@ -49,12 +87,19 @@ class DeepLabV3Plus(SegmentationModel):
     output_stride: int = 16
     multi_grid: tuple[int, ...] | None = None
     separable: bool | None = None
-    atrous_rates: tuple[int, ...] = (6, 12, 18)
+    atrous_rates: tuple[int, ...] | None = None
     aspp_channels: int = 256
     low_level_channels: int = 48
     decoder_channels: int = 256
     base_width: int = 64
     num_middle_units: int = 16
+    head: str = "paper"
+
+    def check_arguments(self) -> None:
+        check_choice(self.head, HEADS, "DeepLab v3+ head")
+
+    def valid_backbones(self) -> tuple[str, ...]:
+        return SMP_ENCODERS if self.head == "smp" else self.BACKBONES
 
     def pretrained_backbone(self) -> PretrainedBackbone:
         return PretrainedBackbone(self.backbone, num_middle_units=self.num_middle_units)
@@ -64,6 +109,8 @@ class DeepLabV3Plus(SegmentationModel):
         self, images: jax.Array, train: bool = False, output_stride: int | None = None
     ) -> jax.Array:
         output_stride = self.resolve_output_stride(output_stride)
+        if self.head == "smp":
+            return self._smp(images, train, output_stride)
         xception = self.backbone == "xception65"
         separable = xception if self.separable is None else self.separable
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -74,7 +121,7 @@ class DeepLabV3Plus(SegmentationModel):
             multi_grid=self.multi_grid or default_multi_grid(self.backbone),
             **extra,
         )(images, train)
-        rates = scale_atrous_rates(self.atrous_rates, 16, output_stride)
+        rates = scale_atrous_rates(self.atrous_rates or (6, 12, 18), 16, output_stride)
         x = ASPP(
             self.aspp_channels, rates, separable=separable, dropout_rate=0.1, name="aspp", **kw
         )(features[32], train)
@@ -94,3 +141,43 @@ class DeepLabV3Plus(SegmentationModel):
             x = conv(x, train)
         x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
         return self.finish(x, images)
+
+    def _smp(self, images: jax.Array, train: bool, output_stride: int) -> jax.Array:
+        # smp's DeepLabV3PlusDecoder + SegmentationHead(kernel_size=1, upsampling=4).
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        separable = True if self.separable is None else self.separable
+        features = self.create_backbone(output_stride=output_stride, **smp_dilation(self.backbone))(
+            images, train
+        )
+        x = ASPP(
+            self.aspp_channels,
+            self.atrous_rates or SMP_ATROUS_RATES,
+            separable=separable,
+            separable_style="smp",
+            dropout_rate=0.5,
+            name="aspp",
+            **kw,
+        )(features[32], train)
+        x = SMPSeparableConvBNAct(self.aspp_channels, name="aspp_conv", **kw)(x, train)
+        low_level = ConvBNAct(self.low_level_channels, 1, name="low_level_project", **kw)(
+            features[4], train
+        )
+        x = resize_bilinear_aligned(x, low_level.shape[1:3])
+        x = jnp.concatenate([x, low_level], axis=-1)
+        x = SMPSeparableConvBNAct(self.decoder_channels, name="decoder_0", **kw)(x, train)
+        x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+        return resize_bilinear_aligned(x, images.shape[1:3]).astype(jnp.float32)
+
+
+def smp_deeplabv3plus_key_map(model: DeepLabV3Plus) -> KeyMap:
+    """Flax paths of a ``DeepLabV3Plus(head='smp')``'s decoder and head -> keys of smp's
+    ``DeepLabV3Plus`` state dict; the encoder's part (``encoder.*``) is the backbone's key map."""
+    separable = True if model.separable is None else model.separable
+    rates = model.atrous_rates or SMP_ATROUS_RATES
+    return {
+        **smp_aspp_key_map(("aspp",), "decoder.aspp.0", separable, len(rates)),
+        **smp_separable_key_map(("aspp_conv",), "decoder.aspp.1", "decoder.aspp.2"),
+        **conv_bn_key_map(("low_level_project",), "decoder.block1.0", "decoder.block1.1"),
+        **smp_separable_key_map(("decoder_0",), "decoder.block2.0", "decoder.block2.1"),
+        **conv_key_map(("classifier",), "segmentation_head.0", bias=True),
+    }

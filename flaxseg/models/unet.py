@@ -18,12 +18,18 @@ i covering rows 2i and 2i + 1, and the up-convolution writes cell i back to exac
 the one overhanging row is cropped off before concatenation, so decoder and encoder stay
 aligned at every level.
 
-With ``backbone='resnet50'`` (or 101/152) the contracting path is the shared torchvision-layout
-ResNet (``backbones/resnet.py``); its stride-4..16 stage outputs are the skips and the stride-32
-output the bottom. Decoder widths then follow segmentation_models_pytorch's U-Net
-(256, 128, 64, 32, 16 at strides 16, 8, 4, 2, 1, scaled by base_channels / 64), the two
-finest levels having no skip, and BatchNorm is on by default. Up-convolutions overhang odd
-sizes by at most one row and are cropped to the skip (ResNet stride-2 layers also round up).
+With an encoder backbone (``backbone='resnet34'``, any name of ``ENCODERS``) the network is
+segmentation_models_pytorch's ``Unet`` (smp 0.6.0, ``encoder_depth=5``), which has no paper
+form: the encoder's stride-2 (stem), 4, 8 and 16 feature maps are the skips and its stride-32
+map the bottom; five decoder blocks each upsample by nearest-neighbour interpolation to the size
+of the next finer map (PyTorch's 'nearest' indices, ``heads.resize_nearest``), concatenate
+[upsampled, skip] (the last block, at the input size, has no skip) and apply two 3×3
+conv + BN + ReLU of ``decoder_channels`` (256, 128, 64, 32, 16, scaled by base_channels / 64);
+a 3×3 conv with bias gives the logits. ``create_model('unet', backbone='resnet34',
+in_channels=1, num_classes=3)`` is ``smp.Unet('resnet34', in_channels=1, classes=3)``, and its
+weights convert with ``flaxseg.weights.convert_smp``. smp's U-Net sizes every upsampling by the
+skip it meets, so it also runs at sizes that are not multiples of 32, and so does this one,
+identically (the encoder's stride-2 layers map n to ⌈n / 2⌉ as PyTorch's do).
 
 Shapes: [B, H, W, C] images -> [B, H, W, num_classes] float32 logits ('same'), or
 [B, H', W', num_classes] with H' = ``valid_output_size(H)`` ('valid').
@@ -35,21 +41,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones import RESNETS
+from flaxseg.models.backbones import LIGHT, RESNETS
 from flaxseg.models.base import SegmentationModel
+from flaxseg.models.heads import resize_nearest
 from flaxseg.models.layers import (
     ConvBNAct,
     ConvTransposeUpsample,
     Dtype,
+    KeyMap,
     center_crop,
     check_at_least,
     check_one_of,
     check_rate,
+    conv_bn_key_map,
+    conv_key_map,
     max_pool,
 )
 
 PADDINGS = ("same", "valid")
 LEVELS = 4  # pools in the paper's contracting path
+# Encoder backbones (with stride-2..32 feature maps, as smp's encoders give): smp's U-Net.
+ENCODERS = tuple(RESNETS) + LIGHT
+SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's default, at strides 16, 8, 4, 2, 1
 
 
 def _valid_sizes(size: int, levels: int) -> list[int]:
@@ -126,16 +139,18 @@ class UpConv(nn.Module):
 
 
 class UNet(SegmentationModel):
-    """U-Net; see the module docstring for the two paddings and the ResNet encoder.
+    """U-Net; see the module docstring for the two paddings and the encoder backbones.
 
     Attributes:
       num_classes: output channels of the logits.
-      backbone: 'unet' (the paper's contracting path) or 'resnet50'/'resnet101'/'resnet152'.
+      backbone: 'unet' (the paper's contracting path) or an encoder of ``ENCODERS``
+        ('resnet34', 'resnet50', ...: smp's U-Net).
       padding: 'same' (logits at the input size) or 'valid' (the paper; paper encoder only).
       base_channels: width of the first level (64 = the paper's); all widths scale with it
-        (for a ResNet encoder it is also the ResNet's base width).
+        (for an encoder it is also the encoder's base width and scales ``decoder_channels``).
+      decoder_channels: the encoder U-Net's five decoder widths at 64 base channels (smp's).
       batchnorm: BatchNorm after every decoder/encoder 3×3 conv; None = off for the paper's
-        encoder (the paper has none), on with a ResNet encoder.
+        encoder (the paper has none), on with an encoder backbone (smp's default).
       dropout_rate: dropout on the bottom of the contracting path (the paper's "drop-out
         layers at the end of the contracting path"; its Caffe net uses 0.5). 0 disables it.
     ``train=True`` needs ``mutable=['batch_stats']`` with BatchNorm and ``rngs={'dropout': key}``
@@ -143,11 +158,12 @@ class UNet(SegmentationModel):
     """
 
     TITLE = "U-Net"
-    BACKBONES = ("unet",) + tuple(RESNETS)
+    BACKBONES = ("unet",) + ENCODERS
 
     backbone: str = "unet"
     padding: str = "same"
     base_channels: int = 64
+    decoder_channels: tuple[int, ...] = SMP_DECODER_CHANNELS
     batchnorm: bool | None = None
     dropout_rate: float = 0.0
 
@@ -159,11 +175,21 @@ class UNet(SegmentationModel):
                 f"got {self.backbone!r}."
             )
         check_at_least("base_channels", self.base_channels)
+        if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
+            raise ValueError(
+                f"decoder_channels must be 5 positive widths (strides 16, 8, 4, 2, 1), got "
+                f"{tuple(self.decoder_channels)!r}."
+            )
         check_rate("dropout_rate", self.dropout_rate)
 
     @property
     def use_batchnorm(self) -> bool:
         return (self.backbone != "unet") if self.batchnorm is None else self.batchnorm
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """The encoder U-Net's decoder widths at this ``base_channels``."""
+        return tuple(max(1, c * self.base_channels // 64) for c in self.decoder_channels)
 
     def _level(self, features: int, name: str) -> DoubleConv:
         return DoubleConv(
@@ -184,33 +210,28 @@ class UNet(SegmentationModel):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if self.backbone != "unet":
+            return self._encoder_unet(images, train)
         height, width = images.shape[1:3]
         if self.padding == "valid":
             for n in (height, width):
                 valid_output_size(n)  # one clear error for inputs too small to survive
         x = images.astype(self.dtype)
-        if self.backbone == "unet":
-            skips = {}
-            for level in range(LEVELS):
-                x = self._level(self.base_channels * 2**level, f"enc{level}")(x, train)
-                skips[2**level] = x
-                x = max_pool(x, 2, 2, ceil_mode=self.padding == "same")
-            x = self._level(self.base_channels * 2**LEVELS, f"enc{LEVELS}")(x, train)
-            width_at = lambda stride: self.base_channels * stride  # noqa: E731
-        else:
-            features = self.create_backbone(base_width=self.base_channels)(x, train)
-            x = features[32]
-            skips = {stride: features[stride] for stride in (4, 8, 16)}
-            width_at = lambda stride: self.base_channels * stride // 4  # noqa: E731
+        skips = {}
+        for level in range(LEVELS):
+            x = self._level(self.base_channels * 2**level, f"enc{level}")(x, train)
+            skips[2**level] = x
+            x = max_pool(x, 2, 2, ceil_mode=self.padding == "same")
+        x = self._level(self.base_channels * 2**LEVELS, f"enc{LEVELS}")(x, train)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
-        stride = 2**LEVELS if self.backbone == "unet" else 32
+        stride = 2**LEVELS
         while stride > 1:
             stride //= 2
             level = stride.bit_length() - 1
-            x = self._up(x, skips.get(stride), width_at(stride), level, train)
+            x = self._up(x, skips.get(stride), self.base_channels * stride, level, train)
         if self.padding == "same":
-            x = x[:, :height, :width, :]  # ResNet encoder: no stride-1 skip crops the overhang
+            x = x[:, :height, :width, :]
         logits = nn.Conv(
             self.num_classes,
             (1, 1),
@@ -222,3 +243,42 @@ class UNet(SegmentationModel):
         return (
             logits.astype(jnp.float32) if self.padding == "valid" else self.finish(logits, images)
         )
+
+    def _encoder_unet(self, images: jax.Array, train: bool) -> jax.Array:
+        # smp's Unet: decoder block i upsamples to the next finer map's size (the input's for
+        # the last), concatenates [x, skip] and applies two conv + BN + ReLU.
+        features = self.create_backbone(base_width=self.base_channels)(images, train)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(features[32])
+        stride = 32
+        for block, width in enumerate(self.decoder_widths):
+            stride //= 2
+            skip = features.get(stride) if stride > 1 else None
+            x = resize_nearest(x, images.shape[1:3] if skip is None else skip.shape[1:3])
+            if skip is not None:
+                x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+            x = self._level(width, f"decoder_{block}")(x, train)
+        logits = nn.Conv(
+            self.num_classes,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="segmentation_head",
+        )(x)
+        return self.finish(logits, images)
+
+
+def smp_unet_key_map(model: UNet) -> KeyMap:
+    """Flax paths of an encoder ``UNet``'s decoder and head -> keys of smp's ``Unet`` state dict
+    (``decoder.blocks.<i>.conv<j>.<0|1>``, ``segmentation_head.0``); the encoder's part
+    (``encoder.*``) is the backbone's key map."""
+    key_map = {}
+    for block in range(len(model.decoder_channels)):
+        for conv in ("conv1", "conv2"):
+            prefix, torch = (f"decoder_{block}", conv), f"decoder.blocks.{block}.{conv}"
+            if model.use_batchnorm:
+                key_map.update(conv_bn_key_map(prefix, f"{torch}.0", f"{torch}.1"))
+            else:
+                key_map.update(conv_key_map((*prefix, "conv"), f"{torch}.0", bias=True))
+    key_map.update(conv_key_map(("segmentation_head",), "segmentation_head.0", bias=True))
+    return key_map

@@ -3,9 +3,10 @@
 Each checkpoint holds three items:
     * 'state': step, params, batch_stats and optimiser state;
     * 'data':  the input iterator's position (a JSON dict), so an interrupted run resumes exactly;
-    * 'meta':  the model spec (name, num_classes, backbone, keyword arguments) and the run's
-               config, so eval.py can rebuild the model from the workdir alone and a run with
-               another model cannot silently overwrite it.
+    * 'meta':  the model spec (name, num_classes, backbone, in_channels, param_dtype, keyword
+               arguments) and the run's config, so eval.py can rebuild the model from the
+               workdir alone and a run with another model cannot silently overwrite it
+               (``check_compatible``, from the spec alone, before any array is read).
 Retention: the last `keep` checkpoints plus the best one by validation mIoU (saved with metrics).
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed
 run never leaves a half-written checkpoint behind as the latest.
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from flaxseg.training import spec as spec_lib
+
 _ITEMS = ("state", "data", "meta")
-# Keyword arguments that change only how a model computes, not which parameters it has.
-_COMPUTE_ONLY_KWARGS = ("dtype",)
 
 
 def checkpoint_dir(workdir) -> Path:
@@ -102,10 +104,80 @@ class NotTheCheckpoint(Exception):
     checkpoint."""
 
 
+def _path_name(path) -> str:
+    """'params/fc6/kernel' for a key path of dicts, lists and named tuples (optax states)."""
+    return "/".join(
+        str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path
+    )
+
+
+def _stored_arrays(manager, step: int) -> Optional[dict]:
+    """{path: (shape, dtype)} of the arrays stored in checkpoint `step`, from its metadata
+    (no array is read); None when the metadata does not read (a damaged checkpoint, which the
+    restore then reports)."""
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(
+            Path(manager.directory) / str(step) / "state"
+        )
+        tree = getattr(metadata, "tree", metadata)
+    except Exception:  # Orbax and TensorStore raise many types for damaged files
+        return None
+    return {
+        _path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if hasattr(leaf, "shape")
+    }
+
+
+def _params_first(path: str) -> tuple:
+    return (not path.startswith("params/"), not path.startswith("batch_stats/"), path)
+
+
+def check_arrays(manager, step: int, abstract: Any, *, partial: bool = False) -> None:
+    """One sentence (``ValueError``) when the arrays stored in checkpoint `step` are not those
+    of `abstract` (what they are about to be restored into: same paths, shapes and dtypes),
+    read from the checkpoint's metadata before any array is. With `partial` only the paths of
+    `abstract` must be there. Orbax would otherwise fail on the first shape (a failure the
+    resume would take for damage) or silently cast another dtype."""
+    stored = _stored_arrays(manager, step)
+    if stored is None:
+        return
+    wanted = {
+        _path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
+
+    def describe(entry):
+        return f"{entry[0]} {entry[1].name}" if entry else "absent"
+
+    problems = [
+        f"{path} is {describe(stored.get(path))} there, {describe(wanted.get(path))} here"
+        for path in sorted(set(wanted) | (set() if partial else set(stored)), key=_params_first)
+        if stored.get(path) != wanted.get(path)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            f"Checkpoint step {step} in {manager.directory} holds arrays that do not fit the "
+            f"model restored from it: {'; '.join(problems[:3])}{more}; it was left untouched "
+            "(the model settings or flaxseg's code differ from the run that saved it)."
+        )
+
+
+def _checked(check) -> None:
+    """Runs `check`; its ValueError is the caller's (a mismatch), not a damaged checkpoint."""
+    try:
+        check()
+    except ValueError as error:
+        raise NotTheCheckpoint() from error
+
+
 def restore_variables(manager, step: int, abstract_variables: dict, sharding) -> dict:
     """{'state': {'params', 'batch_stats'}, 'meta'} of checkpoint `step`, reading only those
-    arrays (not the optimiser state) and placing them with `sharding`: what evaluation needs."""
+    arrays (not the optimiser state) and placing them with `sharding`: what evaluation needs.
+    Arrays that do not fit `abstract_variables` are refused first (``check_arrays``)."""
     item = {k: v for k, v in abstract_variables.items() if jax.tree.leaves(v)}
+    _checked(lambda: check_arrays(manager, step, item, partial=True))
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
     restored = manager.restore(
         step,
@@ -126,7 +198,12 @@ def restore_intact(
     the full restore (evaluation reads only the variables)."""
     where = Path(manager.directory)
     if restore_fn is None:
-        restore_fn = lambda manager, step: restore(manager, step, abstract_state)  # noqa: E731
+
+        def restore_fn(manager, step):
+            if abstract_state is not None:
+                _checked(lambda: check_arrays(manager, step, abstract_state))
+            return restore(manager, step, abstract_state)
+
     for step in sorted(steps, reverse=True):
         try:
             return step, restore_fn(manager, step)
@@ -221,29 +298,18 @@ def resolve_step(manager, which: str) -> int:
     return int(which)
 
 
-def _architecture(spec: dict) -> dict:
-    kwargs = {
-        k: v for k, v in spec.get("model_kwargs", {}).items() if k not in _COMPUTE_ONLY_KWARGS
-    }
-    return {
-        "model": spec["model"],
-        "num_classes": spec["num_classes"],
-        "backbone": spec.get("backbone"),
-        "model_kwargs": kwargs,
-        "adversarial": spec.get("adversarial"),
-    }
-
-
 def check_compatible(saved_spec: dict, requested_spec: dict, workdir) -> None:
-    """Refuses to resume (and so to overwrite) a workdir whose checkpoint holds another model."""
-    saved, requested = _architecture(saved_spec), _architecture(requested_spec)
-    if saved != requested:
-        differences = ", ".join(
-            f"{key}={saved[key]!r} (requested {requested[key]!r})"
-            for key in saved
-            if saved[key] != requested[key]
+    """Refuses to resume (and so to overwrite) a workdir whose checkpoint holds another model:
+    another architecture, backbone, class count, input channels, parameter dtype, constructor
+    arguments or adversary (``spec.architecture``), read from the recorded spec before any
+    array is."""
+    differences = spec_lib.spec_differences(saved_spec, requested_spec)
+    if differences:
+        listed = ", ".join(
+            f"{key}={saved!r} (requested {requested!r})"
+            for key, (saved, requested) in differences.items()
         )
         raise ValueError(
-            f"Workdir {workdir} holds a checkpoint of a different model: {differences}; "
+            f"Workdir {workdir} holds a checkpoint of a different model: {listed}; "
             "it was left untouched: pass a new --workdir or the same model settings."
         )

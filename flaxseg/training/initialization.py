@@ -12,7 +12,11 @@ import numpy as np
 from flax import traverse_util
 
 from flaxseg.training import checkpointing, reporting
+from flaxseg.training import spec as spec_lib
 from flaxseg.training.sharding import replicated
+
+# What the source run must share with this one; the architecture may differ (FCN-32s -> 16s).
+INIT_FROM_FACTS = ("num_classes", "backbone", "in_channels", "param_dtype")
 
 
 def _with_variables(state, variables: dict, mesh):
@@ -43,21 +47,53 @@ def load_pretrained(state, path, model, mesh):
     return _with_variables(state, variables, mesh)
 
 
+def _check_source(workdir, source_spec: dict, spec: dict) -> None:
+    differences = spec_lib.spec_differences(source_spec, spec, INIT_FROM_FACTS)
+    if differences:
+        held = ", ".join(f"{key}={saved!r}" for key, (saved, _) in differences.items())
+        wanted = ", ".join(f"{key}={requested!r}" for key, (_, requested) in differences.items())
+        words = [spec_lib.FACT_NAMES[key] for key in differences]
+        words = ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+        raise ValueError(
+            f"--init_from={workdir} holds a {source_spec['model']} with {held}, but this run's "
+            f"{spec['model']} has {wanted}; initialise from a run with the same {words}."
+        )
+
+
+def check_init_from(workdir, spec: dict) -> None:
+    """One sentence, from the recorded spec alone (before any set-up or array read), when the
+    latest checkpoint of ``workdir`` cannot initialise this run: another class count,
+    backbone, input channels or parameter dtype (the score layers, the stem or the whole
+    backbone would not fit, and a silent partial load would hide the mistake)."""
+    _, restored = checkpointing.restore_workdir(
+        workdir,
+        "latest",
+        flag="--init_from",
+        restore_fn=lambda manager, step: {"meta": checkpointing.read_meta(manager, step)},
+    )
+    _check_source(workdir, restored["meta"]["model_spec"], spec)
+
+
 def init_from(state, workdir, spec: dict, mesh):
     """Copies every parameter and BatchNorm statistic of the latest checkpoint in ``workdir``
     whose path and shape match this model's; the rest keep their initialisation.
 
-    Another class count is refused: the score layers would not match and a silent partial load
-    would hide the mistake.
+    Another class count, backbone, input channels or parameter dtype is refused
+    (``check_init_from``), before the checkpoint's arrays are read.
     """
-    step, restored = checkpointing.restore_workdir(workdir, "latest", flag="--init_from")
+
+    def checked_restore(manager, step):
+        source_spec = checkpointing.read_meta(manager, step)["model_spec"]
+        try:
+            _check_source(workdir, source_spec, spec)
+        except ValueError as error:
+            raise checkpointing.NotTheCheckpoint() from error
+        return checkpointing.restore(manager, step)
+
+    step, restored = checkpointing.restore_workdir(
+        workdir, "latest", flag="--init_from", restore_fn=checked_restore
+    )
     source_spec = restored["meta"]["model_spec"]
-    if source_spec["num_classes"] != spec["num_classes"]:
-        raise ValueError(
-            f"--init_from={workdir} holds a {source_spec['model']} with "
-            f"num_classes={source_spec['num_classes']}, but this run's {spec['model']} has "
-            f"num_classes={spec['num_classes']}; initialise from a run on the same classes."
-        )
     source = traverse_util.flatten_dict(
         {
             "params": restored["state"]["params"],

@@ -108,7 +108,7 @@ def adversary_optimizer(config) -> optax.GradientTransformation:
 def init_state(model, tx, config, mesh):
     """The train state, initialised on the mesh (with the adversary's under --adversarial)."""
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    input_shape = (1, config.crop_size, config.crop_size, 3)
+    input_shape = (1, config.crop_size, config.crop_size, model.in_channels)
 
     def create(rng):
         state = state_lib.create_train_state(model, tx, rng, input_shape)
@@ -145,12 +145,12 @@ def _last_good(manager, workdir) -> str:
     )
 
 
-def _saved_spec(manager, steps) -> dict:
-    """The model spec of the newest checkpoint whose metadata reads (a damaged newest one is
-    reported when the state is restored)."""
+def _saved_meta(manager, steps) -> dict:
+    """The metadata (model spec, config) of the newest checkpoint whose metadata reads (a
+    damaged newest one is reported when the state is restored)."""
     for step in sorted(steps, reverse=True):
         try:
-            return checkpointing.read_meta(manager, step)["model_spec"]
+            return checkpointing.read_meta(manager, step)
         except Exception:  # damaged: the restore below names it
             continue
     raise ValueError(
@@ -202,7 +202,17 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     saved_steps = manager.all_steps()
     latest = manager.latest_step()
     if latest is not None:
-        checkpointing.check_compatible(_saved_spec(manager, saved_steps), spec, workdir)
+        saved_meta = _saved_meta(manager, saved_steps)
+        checkpointing.check_compatible(saved_meta["model_spec"], spec, workdir)
+        saved_dtype = saved_meta.get("config", {}).get("dtype", config.dtype)
+        if saved_dtype != config.dtype:  # the compute dtype only: allowed, but said
+            reporting.say(
+                f"The checkpoint was trained with --config.dtype={saved_dtype}; resuming in "
+                f"{config.dtype} (the compute dtype; the parameters stay {spec['param_dtype']})."
+            )
+    elif config.init_from:
+        initialization.check_init_from(config.init_from, spec)
+    spec_lib.check_input_channels(config.dataset, spec["in_channels"], "--model_kwargs sets")
     model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])  # checks its arguments
 
     train_iterator = inputs.create_train_iterator(config)

@@ -1,10 +1,19 @@
 """A run's configuration checked and resolved, and the model spec that identifies its network.
 
-The spec (model name, class count, backbone, constructor arguments) is recorded in every
-checkpoint: eval.py rebuilds the model from it alone, a resumed run must match it, and
-``--init_from`` compares against it.
+The spec (model name, class count, backbone, input channels, parameter dtype, constructor
+arguments) is recorded in every checkpoint: eval.py rebuilds the model from it alone, a resumed
+run must match it, and ``--init_from`` compares against it. ``architecture(spec)`` is what two
+specs are compared on: the facts that decide the checkpoint's arrays, with defaults filled in,
+so that a spec written before a field existed, or one that leaves a default implicit, compares
+equal to one that spells it out.
+
+Dtypes: ``param_dtype`` (the dtype of the stored parameters, float32 unless
+``--model_kwargs='{"param_dtype": ...}'``) is part of the architecture: restoring arrays of
+another parameter dtype is refused. The compute dtype (``--config.dtype``) is not: a run
+trained in bfloat16 may be resumed or evaluated in float32 (the parameters are the same).
 """
 
+import functools
 import json
 import math
 
@@ -18,6 +27,18 @@ from flaxseg.models import adversarial as adversarial_models
 from flaxseg.training import losses, optim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Constructor arguments that change only how a model computes, not which arrays it has.
+COMPUTE_ONLY_KWARGS = ("dtype",)
+# Architecture facts in words, for the sentences that refuse a mismatch.
+FACT_NAMES = {
+    "model": "model",
+    "num_classes": "classes",
+    "backbone": "backbone",
+    "in_channels": "input channels",
+    "param_dtype": "parameter dtype",
+    "model_kwargs": "model arguments",
+    "adversarial": "adversary",
+}
 
 
 def resolve_config(config):
@@ -63,7 +84,7 @@ def validate_config(config) -> None:
     )
     optim.validate_param_groups(config.param_groups)
     create_loss(config)  # an unknown loss, a malformed expression, bad class weights
-    model_kwargs(config)
+    check_model_kwargs(model_kwargs(config))
     if config.adversarial:
         validate_adversarial(config)
 
@@ -141,6 +162,36 @@ def model_kwargs(config) -> dict:
     return parse_model_kwargs(config.model_kwargs)
 
 
+def check_model_kwargs(kwargs: dict) -> None:
+    """One sentence for an ``in_channels`` or ``param_dtype`` in --model_kwargs that cannot be."""
+    in_channels = kwargs.get("in_channels", 3)
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(
+            f"--model_kwargs in_channels must be a positive integer, got {in_channels!r}."
+        )
+    param_dtype = kwargs.get("param_dtype", "float32")
+    if param_dtype not in DTYPES:
+        raise ValueError(
+            f"--model_kwargs param_dtype={param_dtype!r} is not one of {', '.join(DTYPES)}."
+        )
+
+
+def check_input_channels(dataset: str, in_channels: int, model: str) -> None:
+    """One sentence, before any set-up, when ``dataset``'s images do not have the model's
+    ``in_channels`` channels (``model`` says which model, e.g. "--model_kwargs sets").
+
+    The registered datasets are RGB; no conversion is made up (a grey image for in_channels=1
+    would be one choice among several), so a model for other inputs needs a dataset of them.
+    """
+    channels = data_lib.dataset_info(dataset).channels
+    if channels != in_channels:
+        raise ValueError(
+            f"--dataset={dataset} has {channels}-channel images but {model} in_channels="
+            f"{in_channels}; use a dataset with {in_channels}-channel images or in_channels="
+            f"{channels}."
+        )
+
+
 def model_spec(config) -> dict:
     """What identifies the architecture: recorded in every checkpoint, used to rebuild the model."""
     kwargs = model_kwargs(config)
@@ -150,6 +201,8 @@ def model_spec(config) -> dict:
         "model": config.model,
         "num_classes": int(config.num_classes),
         "backbone": config.backbone or None,
+        "in_channels": int(kwargs.pop("in_channels", 3)),
+        "param_dtype": dtype_name(kwargs.pop("param_dtype", "float32")),
         "model_kwargs": kwargs,
     }
     if config.adversarial:  # the adversary is part of the trained state
@@ -162,12 +215,55 @@ def model_spec(config) -> dict:
 
 
 def build_model(spec: dict, dtype=jnp.float32):
+    """The model of ``spec`` computing in ``dtype`` (specs written before ``in_channels`` and
+    ``param_dtype`` were recorded get the defaults, 3 and float32)."""
     kwargs = dict(spec["model_kwargs"])
     if spec.get("backbone"):
         kwargs["backbone"] = spec["backbone"]
+    kwargs.setdefault("in_channels", int(spec.get("in_channels", 3)))
+    kwargs["param_dtype"] = jnp.dtype(kwargs.get("param_dtype", spec.get("param_dtype", "float32")))
     return models.create_model(
         spec["model"], num_classes=spec["num_classes"], dtype=dtype, **kwargs
     )
+
+
+def dtype_name(dtype) -> str:
+    """'float32', 'bfloat16', ... for a dtype or its name."""
+    return jnp.dtype(dtype).name
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backbone(model: str):
+    if model not in models.list_models():
+        return None
+    return getattr(models.create_model(model, num_classes=1), "backbone", None)
+
+
+def architecture(spec: dict) -> dict:
+    """The facts of a model spec that decide a checkpoint's arrays, defaults filled in: model,
+    num_classes, backbone (the model's default when unset), in_channels (3), param_dtype
+    (float32), the other constructor arguments (without compute-only ones) and the adversary."""
+    kwargs = {k: v for k, v in spec.get("model_kwargs", {}).items() if k not in COMPUTE_ONLY_KWARGS}
+    return {
+        "model": spec["model"],
+        "num_classes": spec["num_classes"],
+        "backbone": spec.get("backbone") or _default_backbone(spec["model"]),
+        "in_channels": int(kwargs.pop("in_channels", spec.get("in_channels", 3))),
+        "param_dtype": dtype_name(kwargs.pop("param_dtype", spec.get("param_dtype", "float32"))),
+        "model_kwargs": kwargs,
+        "adversarial": spec.get("adversarial"),
+    }
+
+
+def spec_differences(saved_spec: dict, requested_spec: dict, facts=None) -> dict:
+    """{fact: (saved value, requested value)} for each architecture fact (all, or those in
+    ``facts``) on which the two specs differ, in ``FACT_NAMES`` order."""
+    saved, requested = architecture(saved_spec), architecture(requested_spec)
+    return {
+        key: (saved[key], requested[key])
+        for key in FACT_NAMES
+        if (facts is None or key in facts) and saved[key] != requested[key]
+    }
 
 
 def class_names(dataset: str, num_classes: int):
