@@ -3,8 +3,6 @@ papers' structure at full size (traced, not computed), atrous rates as wired, im
 batch size 1, output stride switched at evaluation, multi-scale fusion, and bad arguments."""
 
 import functools
-import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from model_helpers import random_variables
+from parity_helpers import flat_shapes, import_torchvision
 
 from flaxseg import models, weights
 from flaxseg.models import layers
@@ -24,8 +23,7 @@ from flaxseg.models.backbones.vgg import (
 )
 from flaxseg.models.heads import ASPP, ImagePooling
 
-for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
@@ -89,10 +87,6 @@ def _images(batch, height, width, seed=0):
     )
 
 
-def _flat_shapes(tree):
-    return {"/".join(p): tuple(v.shape) for p, v in traverse_util.flatten_dict(tree).items()}
-
-
 # ----------------------------------------------------------------------------- shapes
 
 
@@ -119,7 +113,7 @@ def test_logits_have_input_size_at_odd_sizes(case, output_stride, batch, height,
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_output_stride_changes_no_parameter_shape(case):
-    shapes = [_flat_shapes(_shapes(_tiny(case, output_stride=s))) for s in (8, 16)]
+    shapes = [flat_shapes(_shapes(_tiny(case, output_stride=s)), sep="/") for s in (8, 16)]
     assert shapes[0] == shapes[1]
 
 
@@ -128,7 +122,7 @@ def test_output_stride_changes_no_parameter_shape(case):
 
 def _full_size_params(name, **kwargs):
     model = models.create_model(name, num_classes=21, **kwargs)
-    return _flat_shapes(_shapes(model)["params"])
+    return flat_shapes(_shapes(model)["params"], sep="/")
 
 
 def test_deeplabv3_head_is_the_papers():

@@ -1,8 +1,6 @@
 """MobileNetV2 and EfficientNet-B0…B7 encoders: parity with torchvision, timm and smp's encoders
 (random weights, BN statistics perturbed), key maps, parameter counts, bad input."""
 
-import sys
-import types
 import warnings
 
 import flax
@@ -12,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from parity_helpers import assert_close, images, import_torchvision, nhwc, randomise_batchnorm
 
 from flaxseg import models, weights
 from flaxseg.models import backbones
 from flaxseg.models.backbones import efficientnet
 from flaxseg.models.backbones.mobilenetv2 import mobilenet_v2_key_map
 
-for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import segmentation_models_pytorch as smp  # noqa: E402
 import timm  # noqa: E402
 import torchvision  # noqa: E402
@@ -28,41 +26,14 @@ ODD = (97, 131)  # every stride-2 step rounds
 STRIDES = (2, 4, 8, 16, 32)
 
 
-def _randomise_batchnorm(module, seed=1):
-    """Non-trivial BN statistics and affine parameters, so the conversion of all four shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.BatchNorm2d):
-                n = layer.num_features
-                layer.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return module.eval()
-
-
-def _images(size, seed=0):
-    return np.random.default_rng(seed).normal(size=(1, *size, 3)).astype(np.float32)
-
-
 def _torch(x):
     return torch.from_numpy(x).permute(0, 3, 1, 2)
-
-
-def _assert_close(ours, reference, what):
-    ours, reference = np.asarray(ours), reference.detach().permute(0, 2, 3, 1).numpy()
-    assert ours.shape == reference.shape, f"{what}: {ours.shape} != {reference.shape}"
-    scale = np.abs(reference).max()
-    assert scale > 0, what
-    error = np.abs(ours - reference).max()
-    assert error <= 1e-4 * scale, f"{what}: max |Δ| {error} > 1e-4 × {scale}"
 
 
 def _assert_features_close(features, references, what):
     assert tuple(features) == STRIDES, what
     for stride, reference in zip(STRIDES, references, strict=True):
-        _assert_close(features[stride], reference, f"{what} stride {stride}")
+        assert_close(features[stride], nhwc(reference), f"{what} stride {stride}")
 
 
 def _shapes(model):
@@ -83,7 +54,7 @@ def _smp_encoder(name, output_stride, seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # smp's 'timm-' names
         encoder = smp.encoders.get_encoder(name, weights=None, output_stride=output_stride)
-    return _randomise_batchnorm(encoder)
+    return randomise_batchnorm(encoder)
 
 
 def _count(module, skip=()):
@@ -99,7 +70,7 @@ def test_mobilenet_v2_matches_smp_encoder(output_stride):
     reference = _smp_encoder("mobilenet_v2", output_stride)
     model, variables = weights.convert_torchvision("mobilenet_v2", reference.state_dict())
     assert models.count_params(variables) == _count(reference) == 2_223_872
-    x = _images(ODD)
+    x = images(ODD)
     features = jax.jit(model.clone(output_stride=output_stride).apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         _assert_features_close(features, reference(_torch(x))[1:], f"OS {output_stride}")
@@ -107,10 +78,10 @@ def test_mobilenet_v2_matches_smp_encoder(output_stride):
 
 def test_mobilenet_v2_matches_torchvision_and_timm():
     torch.manual_seed(3)
-    reference = _randomise_batchnorm(torchvision.models.mobilenet_v2())
+    reference = randomise_batchnorm(torchvision.models.mobilenet_v2())
     model, variables = weights.convert_torchvision("mobilenet_v2", reference.state_dict())
     assert models.count_params(variables) == _count(reference, ("classifier.",))
-    x = _images(ODD, seed=1)
+    x = images(ODD, seed=1)
     features = jax.jit(model.apply)(variables, jnp.asarray(x))
     h, taps = _torch(x), []
     with torch.no_grad():
@@ -134,7 +105,7 @@ def test_mobilenet_v2_matches_torchvision_and_timm():
     model, variables = weights.convert_timm("mobilenetv2_100", timm_state)
     features = jax.jit(model.apply)(variables, jnp.asarray(x))
     with torch.no_grad():
-        _assert_close(features[32], timm_model.forward_features(_torch(x)), "timm stride 32")
+        assert_close(features[32], nhwc(timm_model.forward_features(_torch(x))), "timm stride 32")
 
 
 # ----------------------------------------------------------------------------- EfficientNet
@@ -143,12 +114,12 @@ def test_mobilenet_v2_matches_torchvision_and_timm():
 @pytest.mark.parametrize("output_stride", [32, 16, 8])
 def test_efficientnet_b0_matches_timm_features(output_stride):
     torch.manual_seed(output_stride)
-    reference = _randomise_batchnorm(
+    reference = randomise_batchnorm(
         timm.create_model("efficientnet_b0", features_only=True, output_stride=output_stride)
     )
     model, variables = weights.convert_timm("efficientnet_b0", reference.state_dict())
     assert models.count_params(variables) == _count(reference) == 3_595_388
-    x = _images(ODD)
+    x = images(ODD)
     features = jax.jit(model.clone(output_stride=output_stride).apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         _assert_features_close(features, reference(_torch(x)), f"OS {output_stride}")
@@ -158,8 +129,8 @@ def test_tf_efficientnet_b0_dynamic_same_padding_matches_timm():
     # TF 'SAME' padding at an odd size (the stride-2 convs pad 1 on one side, 0 or 1 on the
     # other) and dilation at output stride 8; the full classifier checkpoint converts too.
     torch.manual_seed(5)
-    full = _randomise_batchnorm(timm.create_model("tf_efficientnet_b0"))
-    reference = _randomise_batchnorm(
+    full = randomise_batchnorm(timm.create_model("tf_efficientnet_b0"))
+    reference = randomise_batchnorm(
         timm.create_model("tf_efficientnet_b0", features_only=True, output_stride=8)
     )
     reference.load_state_dict(
@@ -167,7 +138,7 @@ def test_tf_efficientnet_b0_dynamic_same_padding_matches_timm():
         strict=False,
     )
     model, variables = weights.convert_timm("tf_efficientnet_b0", full.state_dict())
-    x = _images(ODD, seed=2)
+    x = images(ODD, seed=2)
     features = jax.jit(model.clone(output_stride=8).apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         _assert_features_close(features, reference(_torch(x)), "tf_efficientnet_b0 OS 8")
@@ -189,7 +160,7 @@ def test_efficientnet_b0_matches_smp_encoder(name, size, output_stride):
     # (lukemelas): 409,600 + 2,560 parameters that no feature uses.
     unused = efficientnet.head_key_prefixes(name)
     assert models.count_params(variables) == _count(reference, unused) == 3_595_388
-    x = _images(size)
+    x = images(size)
     features = jax.jit(model.clone(output_stride=output_stride).apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         _assert_features_close(features, reference(_torch(x))[1:], f"{name} OS {output_stride}")
@@ -200,7 +171,7 @@ def test_efficientnet_b3_matches_smp_encoder():
     # there is (2, 2) where TF 'SAME' at the actual size would pad (1, 2).
     reference = _smp_encoder("efficientnet-b3", 16, seed=3)
     model, variables = _variables_of("efficientnet-b3", reference.state_dict())
-    x = _images(ODD, seed=3)
+    x = images(ODD, seed=3)
     features = jax.jit(model.clone(output_stride=16).apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         _assert_features_close(features, reference(_torch(x))[1:], "efficientnet-b3 OS 16")

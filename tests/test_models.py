@@ -2,8 +2,6 @@
 backbones against torchvision."""
 
 import functools
-import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -14,23 +12,13 @@ import tiny_models
 import torch
 from flax import traverse_util
 from model_helpers import random_variables
+from parity_helpers import flat_shapes, hwio, import_torchvision, init_shapes
 
 from flaxseg import models, weights
 from flaxseg.models import backbones, fcn, layers
 from flaxseg.models.backbones.vgg import VGG16_BLOCK_DEPTHS, VGG16_WIDTH_MULTIPLIERS
 
-
-def _import_torchvision():
-    # The torchvision wheel is built for CUDA; on CPU torch its compiled-op registrations must be
-    # stubbed before import (models work, compiled ops such as nms do not).
-    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    import torchvision
-
-    return torchvision
-
-
-torchvision = _import_torchvision()
+torchvision = import_torchvision()
 
 NUM_CLASSES = 5
 # Tiny settings for every registered model (tests/tiny_models.py);
@@ -41,14 +29,6 @@ FCN_NAMES = ["fcn16s", "fcn32s", "fcn8s"]
 
 def _tiny(name, **kwargs):
     return models.create_model(name, num_classes=NUM_CLASSES, **TINY_KWARGS[name], **kwargs)
-
-
-def _shapes(model, height=64, width=64):
-    return jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, height, width, 3)),
-    )
 
 
 def _jit_apply(model):
@@ -108,7 +88,7 @@ def test_pretrained_backbone_key_map_names_model_variables(name):
     if spec is None:
         assert (name, model.backbone) == ("unet", "unet")
         return
-    flat = traverse_util.flatten_dict(_shapes(model))
+    flat = traverse_util.flatten_dict(init_shapes(model))
     key_map = spec.key_map()
     assert key_map and set(key_map) <= set(flat)
     backbone_paths = {
@@ -159,7 +139,7 @@ def test_create_model_passes_settings_through():
 
 def test_count_params_accepts_variables_shapes_and_bare_params():
     model = _tiny("fcn32s")
-    shapes = _shapes(model)
+    shapes = init_shapes(model)
     variables = random_variables(model)
     expected = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     assert expected > 0 and "batch_stats" not in variables
@@ -175,7 +155,7 @@ def test_every_registered_model_meets_the_shape_and_dtype_contract(name):
     # Shapes and dtypes only (tracing, no compilation), so that walking the whole registry stays
     # cheap; each architecture's own tests compute with it.
     model, model_bf16 = _tiny(name), _tiny(name, dtype=jnp.bfloat16)
-    variables = _shapes(model_bf16)
+    variables = init_shapes(model_bf16)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
 
     def check(logits, batch, height, width):
@@ -313,7 +293,7 @@ def _skip_score_inputs(model, variables, images):
 def test_fcn_at_once_scales_the_skips_with_the_staged_parameters(name, factors):
     # voc-fcn8s-atonce: pool4 × 0.01 and pool3 × 0.0001 before their score layers.
     staged, at_once = _tiny(name), _tiny(name, at_once=True)
-    assert _flat_shapes(_shapes(at_once)) == _flat_shapes(_shapes(staged))
+    assert flat_shapes(init_shapes(at_once)) == flat_shapes(init_shapes(staged))
     variables, images = random_variables(staged), _images(1, 35, 47)
     staged_logits, staged_inputs = _skip_score_inputs(staged, variables, images)
     at_once_logits, at_once_inputs = _skip_score_inputs(at_once, variables, images)
@@ -358,7 +338,7 @@ def test_fcn_crops_give_input_size_for_every_size_modulo_32(name, backbone):
     # (plus small-size effects), so heights 1..16 and widths 17..32 cover every case; shapes
     # only, nothing is computed.
     model = _tiny(name, backbone=backbone)
-    variables = _shapes(model)
+    variables = init_shapes(model)
     for height in range(1, 17):
         width = height + 16
         images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
@@ -484,14 +464,6 @@ def test_full_size_fcn8s_parameter_count_literal():
 # ----------------------------------------------------------------------------- backbones
 
 
-def _hwio(shape):
-    return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else tuple(shape)
-
-
-def _flat_shapes(tree):
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
-
-
 @pytest.mark.parametrize("kind", ["vgg16", "vgg16_bn", "alexnet"])
 def test_torchvision_key_map_covers_every_features_key_with_matching_shapes(kind):
     with torch.device("meta"):
@@ -502,11 +474,11 @@ def test_torchvision_key_map_covers_every_features_key_with_matching_shapes(kind
         if k.startswith("features.") and not k.endswith("num_batches_tracked")
     }
     module, key_map = backbones.create(kind), backbones.key_map(kind)
-    shapes = _flat_shapes(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    shapes = flat_shapes(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
     assert sorted(key_map.values()) == sorted(expected)
     assert set(key_map) == set(shapes)
     for path, torch_key in key_map.items():
-        assert shapes[path] == _hwio(expected[torch_key]), (path, torch_key)
+        assert shapes[path] == hwio(expected[torch_key]), (path, torch_key)
 
 
 def _torch_features_by_stride(features, x_nchw, pool_strides):

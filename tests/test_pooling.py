@@ -5,16 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from parity_helpers import nhwc
 
 from flaxseg.models import pooling
 
 
 def _torch_nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
@@ -38,8 +35,8 @@ def test_max_pool_and_unpool_match_torch(shape, ties, ceil_mode):
     t_pooled, t_indices = torch.nn.MaxPool2d(2, 2, ceil_mode=ceil_mode, return_indices=True)(
         _torch_nchw(x)
     )
-    np.testing.assert_array_equal(np.asarray(pooled), _nhwc(t_pooled))
-    np.testing.assert_array_equal(np.asarray(indices), _nhwc(t_indices))
+    np.testing.assert_array_equal(np.asarray(pooled), nhwc(t_pooled))
+    np.testing.assert_array_equal(np.asarray(indices), nhwc(t_indices))
     assert indices.dtype == jnp.int32
 
     # Unpool something other than the pooled maxima, so placement is what is checked.
@@ -47,7 +44,7 @@ def test_max_pool_and_unpool_match_torch(shape, ties, ceil_mode):
     out = pooling.max_unpool(jnp.asarray(values), indices, shape[1:3])
     t_out = torch.nn.MaxUnpool2d(2, 2)(_torch_nchw(values), t_indices, output_size=shape[1:3])
     assert out.shape == shape
-    np.testing.assert_array_equal(np.asarray(out), _nhwc(t_out))
+    np.testing.assert_array_equal(np.asarray(out), nhwc(t_out))
 
 
 def test_max_pool_ties_and_nans_follow_torch_rules():
@@ -58,7 +55,7 @@ def test_max_pool_ties_and_nans_follow_torch_rules():
     _, indices = pooling.max_pool_with_indices(jnp.asarray(x))
     _, t_indices = torch.nn.functional.max_pool2d(_torch_nchw(x), 2, 2, return_indices=True)
     np.testing.assert_array_equal(np.asarray(indices)[0, 0, :, 0], [0, 3, 10])
-    np.testing.assert_array_equal(np.asarray(indices), _nhwc(t_indices))
+    np.testing.assert_array_equal(np.asarray(indices), nhwc(t_indices))
 
 
 def test_max_pool_gradient_goes_to_selected_pixel_only():
@@ -84,7 +81,7 @@ def test_pooling_rejects_impossible_sizes():
 def test_adaptive_avg_pool_matches_torch(bins):
     x = np.random.default_rng(bins).standard_normal((2, 33, 47, 5)).astype(np.float32)
     out = pooling.adaptive_avg_pool(jnp.asarray(x), bins)
-    expected = _nhwc(torch.nn.AdaptiveAvgPool2d(bins)(_torch_nchw(x)))
+    expected = nhwc(torch.nn.AdaptiveAvgPool2d(bins)(_torch_nchw(x)))
     assert out.shape == (2, bins, bins, 5)
     assert np.max(np.abs(np.asarray(out) - expected)) <= 1e-6
 
@@ -94,5 +91,5 @@ def test_adaptive_bins_overlap_like_torch():
     assert pooling.adaptive_bins(7, 3) == [(0, 3), (2, 5), (4, 7)]
     x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(1, 2 * 5, 3, 1)
     out = pooling.adaptive_avg_pool(jnp.asarray(x), (6, 2))
-    expected = _nhwc(torch.nn.AdaptiveAvgPool2d((6, 2))(_torch_nchw(x)))
+    expected = nhwc(torch.nn.AdaptiveAvgPool2d((6, 2))(_torch_nchw(x)))
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-6)

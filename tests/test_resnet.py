@@ -5,10 +5,6 @@ compute); shapes by tracing; numerics of the deep stem against a torch reference
 numerical parity of the converted networks is in test_weights.py.
 """
 
-import functools
-import sys
-import types
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from parity_helpers import downsampled, flat_shapes, hwio, import_torchvision, init_shapes
 
 from flaxseg.models import backbones, count_params
 from flaxseg.models.backbones.resnet import (
@@ -30,33 +27,9 @@ from flaxseg.models.backbones.xception import (
     xception65_channels,
 )
 
-for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import timm  # noqa: E402
 import torchvision  # noqa: E402
-
-
-def _init_shapes(module, height=64, width=64):
-    return jax.eval_shape(
-        functools.partial(module.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, height, width, 3)),
-    )
-
-
-def _flat_shapes(tree):
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
-
-
-def _hwio(shape):
-    return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else tuple(shape)
-
-
-def _downsampled(n, times):
-    for _ in range(times):  # PyTorch's stride-2 conv/pool with "same" padding
-        n = (n - 1) // 2 + 1
-    return n
-
 
 # ----------------------------------------------------------------------------- ResNet
 
@@ -108,7 +81,7 @@ def test_resnet_rejects_bad_arguments(kwargs, match):
 def test_resnet_feature_shapes_at_odd_size(output_stride, deep_stem):
     module = ResNet(depth=50, output_stride=output_stride, deep_stem=deep_stem, base_width=4)
     height, width = 97, 131
-    variables = _init_shapes(module)
+    variables = init_shapes(module)
     features = jax.eval_shape(
         module.apply, variables, jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
     )
@@ -117,21 +90,21 @@ def test_resnet_feature_shapes_at_odd_size(output_stride, deep_stem):
         steps = min(stride, output_stride).bit_length() - 1  # dilated stages keep the size
         assert feature.shape == (
             2,
-            _downsampled(height, steps),
-            _downsampled(width, steps),
+            downsampled(height, steps),
+            downsampled(width, steps),
             resnet_channels(50, 4)[stride],
         )
     assert module.out_channels == {2: 4, 4: 16, 8: 32, 16: 64, 32: 128}
 
 
 def test_output_stride_and_multi_grid_change_no_parameter_shape():
-    reference = _flat_shapes(_init_shapes(ResNet(depth=50, base_width=4)))
+    reference = flat_shapes(init_shapes(ResNet(depth=50, base_width=4)))
     for output_stride in (8, 16):
         for multi_grid in ((1, 1, 1), (1, 2, 4)):
             module = ResNet(
                 depth=50, base_width=4, output_stride=output_stride, multi_grid=multi_grid
             )
-            assert _flat_shapes(_init_shapes(module)) == reference
+            assert flat_shapes(init_shapes(module)) == reference
 
 
 @pytest.mark.parametrize("depth", [50, 101, 152])
@@ -144,12 +117,12 @@ def test_resnet_key_map_covers_torchvision_state_dict(depth):
         if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
     }
     key_map = torchvision_resnet_key_map(depth)
-    variables = _init_shapes(ResNet(depth=depth))
-    shapes = _flat_shapes(variables)
+    variables = init_shapes(ResNet(depth=depth))
+    shapes = flat_shapes(variables)
     assert sorted(key_map.values()) == sorted(expected)
     assert set(key_map) == set(shapes)
     for path, key in key_map.items():
-        assert shapes[path] == _hwio(expected[key]), (path, key)
+        assert shapes[path] == hwio(expected[key]), (path, key)
     fc = sum(p.numel() for n, p in reference.named_parameters() if n.startswith("fc."))
     assert count_params(variables) == sum(p.numel() for p in reference.parameters()) - fc
 
@@ -194,7 +167,7 @@ def test_deep_stem_matches_an_independent_torch_stem():
         for path, key in key_map.items()
     }
     variables = traverse_util.unflatten_dict(flat)
-    assert _flat_shapes(variables) == _flat_shapes(_init_shapes(module))
+    assert flat_shapes(variables) == flat_shapes(init_shapes(module))
 
     x = np.random.default_rng(0).normal(size=(1, 45, 59, 3)).astype(np.float32)
     ours = jax.jit(module.apply)(variables, jnp.asarray(x))
@@ -219,12 +192,12 @@ def test_xception_key_map_and_parameter_count_match_timm():
         if not k.endswith("num_batches_tracked")
     }
     key_map = timm_xception65_key_map()
-    variables = _init_shapes(Xception65())
-    shapes = _flat_shapes(variables)
+    variables = init_shapes(Xception65())
+    shapes = flat_shapes(variables)
     assert sorted(key_map.values()) == sorted(expected)
     assert set(key_map) == set(shapes)
     for path, key in key_map.items():
-        assert shapes[path] == _hwio(expected[key]), (path, key)
+        assert shapes[path] == hwio(expected[key]), (path, key)
     assert count_params(variables) == sum(p.numel() for p in reference.parameters()) == 37_867_312
 
 
@@ -244,7 +217,7 @@ def test_xception_dilation_matches_timm(output_stride):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        _init_shapes(module)
+        init_shapes(module)
     for name, block in reference.blocks.named_children():
         for j in (1, 2, 3):
             conv = getattr(block.stack, f"conv{j}").conv_dw
@@ -257,15 +230,15 @@ def test_xception_feature_shapes_at_odd_size(output_stride):
     module = Xception65(output_stride=output_stride, base_width=8, num_middle_units=2)
     height, width = 97, 131
     features = jax.eval_shape(
-        module.apply, _init_shapes(module), jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+        module.apply, init_shapes(module), jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
     )
     assert sorted(features) == [4, 8, 16, 32]
     for stride, feature in features.items():
         steps = min(stride, output_stride).bit_length() - 1
         assert feature.shape == (
             1,
-            _downsampled(height, steps),
-            _downsampled(width, steps),
+            downsampled(height, steps),
+            downsampled(width, steps),
             xception65_channels(8)[stride],
         )
 

@@ -3,25 +3,30 @@ with segmentation_models_pytorch's dilated encoders (output stride 16, 8), the s
 feature, parameter counts, weight import (torchvision, timm, load_pretrained_backbone), the
 multi-grid default, and the errors for bad arguments."""
 
-import functools
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 from model_helpers import random_variables
+from parity_helpers import (
+    downsampled,
+    flat_shapes,
+    hwio,
+    images,
+    import_torchvision,
+    init_shapes,
+    nhwc,
+    randomise_batchnorm,
+    relative_error,
+)
 
 from flaxseg import models, weights
 from flaxseg.models import backbones
 from flaxseg.models.backbones.resnet import RESNETS, ResNet, stage_plan
 from flaxseg.models.heads import default_multi_grid
 
-for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import segmentation_models_pytorch as smp  # noqa: E402
 import timm  # noqa: E402
 import torchvision  # noqa: E402
@@ -43,39 +48,9 @@ FULL_PARAMS = {
 }
 
 
-def _randomise_batchnorm(module):
-    """Non-trivial BN statistics and affine parameters, so the conversion of all four shows."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.BatchNorm2d):
-                n = layer.num_features
-                layer.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return module.eval()
-
-
-def _images(seed=0):
-    return np.random.default_rng(seed).normal(size=(1, *SIZE, 3)).astype(np.float32)
-
-
-def _nhwc(tensor):
-    return tensor.detach().permute(0, 2, 3, 1).numpy()
-
-
-def _relative_error(ours, reference, what):
-    ours, reference = np.asarray(ours), np.asarray(reference)
-    assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
-    scale = np.abs(reference).max()
-    assert scale > 0, what
-    return float(np.abs(ours - reference).max() / scale)
-
-
 def _assert_features_close(features, reference_by_stride, what):
     errors = {
-        s: _relative_error(features[s], reference_by_stride[s], f"{what} {s}") for s in STRIDES
+        s: relative_error(features[s], reference_by_stride[s], f"{what} {s}") for s in STRIDES
     }
     print(f"{what}: relative max |Δ| per stride {errors}")
     assert max(errors.values()) <= 1e-4, (what, errors)
@@ -84,40 +59,18 @@ def _assert_features_close(features, reference_by_stride, what):
 def _torchvision_features(reference, x):
     with torch.no_grad():
         h = reference.relu(reference.bn1(reference.conv1(torch.from_numpy(x).permute(0, 3, 1, 2))))
-        out = {2: _nhwc(h)}
+        out = {2: nhwc(h)}
         h = reference.maxpool(h)
         for stride, layer in zip(
             (4, 8, 16, 32), (reference.layer1, reference.layer2, reference.layer3, reference.layer4)
         ):
             h = layer(h)
-            out[stride] = _nhwc(h)
+            out[stride] = nhwc(h)
     return out
 
 
 def _torch_params(module):
     return sum(p.numel() for n, p in module.named_parameters() if not n.startswith("fc."))
-
-
-def _init_shapes(module, height=64, width=64):
-    return jax.eval_shape(
-        functools.partial(module.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, height, width, 3)),
-    )
-
-
-def _flat_shapes(tree):
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(tree).items()}
-
-
-def _hwio(shape):
-    return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else tuple(shape)
-
-
-def _downsampled(n, times):
-    for _ in range(times):  # PyTorch's stride-2 conv/pool with "same" padding
-        n = (n - 1) // 2 + 1
-    return n
 
 
 # ----------------------------------------------------------------------------- parity
@@ -126,11 +79,11 @@ def _downsampled(n, times):
 @pytest.mark.parametrize("arch", NEW)
 def test_features_match_torchvision_at_every_stride(arch):
     torch.manual_seed(0)
-    reference = _randomise_batchnorm(getattr(torchvision.models, arch)())
+    reference = randomise_batchnorm(getattr(torchvision.models, arch)())
     model, variables = weights.convert_torchvision(arch, reference.state_dict())
     assert isinstance(model, ResNet) and model.out_channels == FULL_CHANNELS[arch]
     assert models.count_params(variables) == _torch_params(reference) == FULL_PARAMS[arch]
-    x = _images()
+    x = images(SIZE)
     features = jax.jit(model.apply)(variables, jnp.asarray(x))
     assert sorted(features) == list(STRIDES)
     assert {s: f.shape[-1] for s, f in features.items()} == FULL_CHANNELS[arch]
@@ -142,22 +95,22 @@ def test_features_match_torchvision_at_every_stride(arch):
 )
 def test_smp_dilation_matches_smp_encoder(arch, output_stride):
     torch.manual_seed(1)
-    encoder = _randomise_batchnorm(
+    encoder = randomise_batchnorm(
         smp.encoders.get_encoder(arch, weights=None, output_stride=output_stride)
     )
     # smp's ResNet encoders are torchvision ResNets without fc: the same keys.
     model, variables = weights.convert_torchvision(arch, encoder.state_dict())
-    x = _images(1)
+    x = images(SIZE, 1)
     smp_model = model.clone(output_stride=output_stride, dilation_style="smp")
     features = jax.jit(smp_model.apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         theirs = encoder(torch.from_numpy(x).permute(0, 3, 1, 2))
     assert [f.shape[1] for f in theirs] == [3] + [FULL_CHANNELS[arch][s] for s in STRIDES]
-    reference = {s: _nhwc(f) for s, f in zip(STRIDES, theirs[1:])}
+    reference = {s: nhwc(f) for s, f in zip(STRIDES, theirs[1:])}
     _assert_features_close(features, reference, f"{arch} smp OS{output_stride}")
     # torchvision's style (first dilated unit keeps the previous rate) is not smp's.
     tv_features = jax.jit(model.clone(output_stride=output_stride).apply)(variables, jnp.asarray(x))
-    assert _relative_error(tv_features[32], reference[32], "torchvision style") > 1e-2
+    assert relative_error(tv_features[32], reference[32], "torchvision style") > 1e-2
 
 
 def _conv_geometry(module):
@@ -217,12 +170,12 @@ def test_key_map_and_parameter_count_match_torchvision_and_timm(arch):
     assert timm_keys == expected  # timm's ResNet keys and shapes are torchvision's
     key_map = backbones.key_map(arch)
     module = backbones.create(arch)
-    variables = _init_shapes(module)
-    shapes = _flat_shapes(variables)
+    variables = init_shapes(module)
+    shapes = flat_shapes(variables)
     assert sorted(key_map.values()) == sorted(expected)
     assert set(key_map) == set(shapes)
     for path, key in key_map.items():
-        assert shapes[path] == _hwio(expected[key]), (path, key)
+        assert shapes[path] == hwio(expected[key]), (path, key)
     assert models.count_params(variables) == _torch_params(reference) == FULL_PARAMS[arch]
 
 
@@ -271,8 +224,8 @@ def test_tiny_encoders_feature_shapes_at_odd_size(arch, dilation_style):
         module = backbones.create(
             arch, output_stride=output_stride, base_width=4, dilation_style=dilation_style
         )
-        variables = _init_shapes(module)
-        shapes = _flat_shapes(variables)
+        variables = init_shapes(module)
+        shapes = flat_shapes(variables)
         assert reference is None or shapes == reference  # dilation never changes a shape
         reference = shapes
         features = jax.eval_shape(
@@ -283,8 +236,8 @@ def test_tiny_encoders_feature_shapes_at_odd_size(arch, dilation_style):
             steps = min(stride, output_stride).bit_length() - 1
             assert feature.shape == (
                 2,
-                _downsampled(SIZE[0], steps),
-                _downsampled(SIZE[1], steps),
+                downsampled(SIZE[0], steps),
+                downsampled(SIZE[1], steps),
                 backbones.channels(arch, 4)[stride],
             )
     assert backbones.channels(arch, 4) == module.out_channels
@@ -296,8 +249,8 @@ def test_tiny_encoders_feature_shapes_at_odd_size(arch, dilation_style):
 def test_tiny_resnext_keeps_grouped_convs():
     # base_width 4: 3×3 widths 8, 16, 32, 64 (2 · planes, as at full size) in gcd(32, width)
     # groups; at full size 128..1024 in 32 groups (torchvision's layer k: 4·2^(k-1) per group).
-    shapes = _flat_shapes(_init_shapes(backbones.create("resnext50_32x4d", base_width=4)))
-    full = _flat_shapes(_init_shapes(backbones.create("resnext50_32x4d")))
+    shapes = flat_shapes(init_shapes(backbones.create("resnext50_32x4d", base_width=4)))
+    full = flat_shapes(init_shapes(backbones.create("resnext50_32x4d")))
     for stage, (width, groups, full_width) in enumerate(
         [(8, 8, 128), (16, 16, 256), (32, 32, 512), (64, 32, 1024)], start=1
     ):

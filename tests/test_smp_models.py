@@ -6,20 +6,17 @@ mode, every BatchNorm's statistics and affine moved away from 0/1), converts its
 dict with ``convert_smp`` and compares logits at 96×160, a size smp accepts.
 """
 
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from model_helpers import random_variables
+from parity_helpers import import_torchvision, relative_error
 
 from flaxseg import models, weights
 from flaxseg.models import heads
 
-for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))
+import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 
@@ -56,11 +53,6 @@ def _flax_logits(model, variables, images):
     return np.asarray(jax.jit(model.apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1))))
 
 
-def _relative_error(ours, reference):
-    assert ours.shape == reference.shape
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
-
-
 # (smp class, encoder, smp kwargs): the issue's acceptance models, plus smp's DeepLabV3.
 PARITY_CASES = [
     ("Unet", "resnet34", {"in_channels": 1}),
@@ -80,7 +72,7 @@ def test_convert_smp_matches_smp_end_to_end(arch, encoder, kwargs):
     assert model.num_classes == NUM_CLASSES
     assert model.in_channels == kwargs.get("in_channels", 3)
     images = _images(HEIGHT, WIDTH, model.in_channels)
-    error = _relative_error(_flax_logits(model, variables, images), _smp_logits(net, images))
+    error = relative_error(_flax_logits(model, variables, images), _smp_logits(net, images))
     assert error <= TOLERANCE, error
 
 
@@ -94,7 +86,7 @@ def test_smp_unet_is_create_model_unet_with_an_encoder_and_matches_at_odd_sizes(
     )
     assert model.decoder_channels == (256, 128, 64, 32, 16) and model.use_batchnorm
     images = _images(97, 131, 1, seed=1)
-    error = _relative_error(_flax_logits(model, variables, images), _smp_logits(net, images))
+    error = relative_error(_flax_logits(model, variables, images), _smp_logits(net, images))
     assert error <= TOLERANCE, error
 
 
@@ -114,7 +106,7 @@ def test_convert_smp_follows_smp_keyword_arguments(arch, kwargs):
     net = _smp_model(arch, "resnet18", **kwargs)
     model, variables = weights.convert_smp(arch, "resnet18", net.state_dict(), **kwargs)
     images = _images(HEIGHT, WIDTH, 3, seed=2)
-    error = _relative_error(_flax_logits(model, variables, images), _smp_logits(net, images))
+    error = relative_error(_flax_logits(model, variables, images), _smp_logits(net, images))
     assert error <= TOLERANCE, error
 
 

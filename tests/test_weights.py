@@ -4,7 +4,6 @@ loading pretrained backbones."""
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -13,48 +12,17 @@ import pytest
 import torch
 from flax import traverse_util
 from model_helpers import random_variables
+from parity_helpers import assert_close, images, import_torchvision, nhwc, randomise_batchnorm
 
 from flaxseg import models, weights
 from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
 from flaxseg.models.backbones.xception import timm_xception65_key_map
 
-for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))  # CUDA wheel on CPU torch
+import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import timm  # noqa: E402
 import torchvision  # noqa: E402
 
 SIZE = (97, 131)  # odd on purpose: every stride-2 step rounds
-
-
-def _randomise_batchnorm(module):
-    """Non-trivial BN statistics and affine parameters, so the conversion of all four shows."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.BatchNorm2d):
-                n = layer.num_features
-                layer.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                layer.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return module.eval()
-
-
-def _images(seed=0):
-    return np.random.default_rng(seed).normal(size=(1, *SIZE, 3)).astype(np.float32)
-
-
-def _nhwc(tensor):
-    return tensor.detach().permute(0, 2, 3, 1).numpy()
-
-
-def _assert_close(ours, reference, what):
-    ours, reference = np.asarray(ours), np.asarray(reference)
-    assert ours.shape == reference.shape, what
-    scale = np.abs(reference).max()
-    assert scale > 0, what
-    error = np.abs(ours - reference).max()
-    assert error <= 1e-4 * scale, f"{what}: max |Δ| {error} > 1e-4 × {scale}"
 
 
 def _torch_param_count(module, skip_prefix=None):
@@ -71,10 +39,10 @@ def _torch_param_count(module, skip_prefix=None):
 @pytest.mark.parametrize("depth", [50, 101])
 def test_resnet_matches_torchvision(depth):
     torch.manual_seed(depth)
-    reference = _randomise_batchnorm(getattr(torchvision.models, f"resnet{depth}")())
+    reference = randomise_batchnorm(getattr(torchvision.models, f"resnet{depth}")())
     model, variables = weights.convert_torchvision(f"resnet{depth}", reference.state_dict())
     assert models.count_params(variables) == _torch_param_count(reference, "fc.")
-    x = _images()
+    x = images(SIZE)
     features = jax.jit(model.apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         h = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -83,7 +51,7 @@ def test_resnet_matches_torchvision(depth):
             (4, 8, 16, 32), (reference.layer1, reference.layer2, reference.layer3, reference.layer4)
         ):
             h = layer(h)
-            _assert_close(features[stride], _nhwc(h), f"resnet{depth} stride {stride}")
+            assert_close(features[stride], nhwc(h), f"resnet{depth} stride {stride}")
 
 
 def test_alexnet_converts_from_torchvision():
@@ -101,47 +69,47 @@ def test_vgg16_matches_torchvision():
     reference = torchvision.models.vgg16().eval()
     model, variables = weights.convert_torchvision("vgg16", reference.state_dict())
     assert models.count_params(variables) == _torch_param_count(reference, "classifier.")
-    x = _images(1)
+    x = images(SIZE, 1)
     features = jax.jit(model.apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         pool5 = reference.features(torch.from_numpy(x).permute(0, 3, 1, 2))
-    _assert_close(features[32], _nhwc(pool5), "vgg16 pool5")
+    assert_close(features[32], nhwc(pool5), "vgg16 pool5")
 
 
 @pytest.mark.parametrize("arch", ["deeplabv3_resnet50", "fcn_resnet50"])
 def test_segmentation_model_matches_torchvision(arch):
     torch.manual_seed(1)
     builder = getattr(torchvision.models.segmentation, arch)
-    reference = _randomise_batchnorm(
+    reference = randomise_batchnorm(
         builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
     )
     model, variables = weights.convert_torchvision(arch, reference.state_dict())
     assert model.aux_head and model.num_classes == 21
     assert models.count_params(variables) == _torch_param_count(reference)
-    x = _images(2)
+    x = images(SIZE, 2)
     logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["aux"]))(
         variables, jnp.asarray(x)
     )
     with torch.no_grad():
         out = reference(torch.from_numpy(x).permute(0, 3, 1, 2))
-    _assert_close(logits, _nhwc(out["out"]), f"{arch} out")
+    assert_close(logits, nhwc(out["out"]), f"{arch} out")
     (aux,) = jax.tree.leaves(state["aux"])
-    _assert_close(aux, _nhwc(out["aux"]), f"{arch} aux")
+    assert_close(aux, nhwc(out["aux"]), f"{arch} aux")
 
 
 def test_xception65_matches_timm():
     torch.manual_seed(2)
-    reference = _randomise_batchnorm(
+    reference = randomise_batchnorm(
         timm.create_model("xception65", num_classes=0, output_stride=16)
     )
     model, variables = weights.convert_timm("xception65", reference.state_dict())
     assert models.count_params(variables) == _torch_param_count(reference) == 37_867_312
-    x = _images(3)
+    x = images(SIZE, 3)
     # Converted at the default output stride 32; the same variables serve stride 16.
     features = jax.jit(model.clone(output_stride=16).apply)(variables, jnp.asarray(x))
     with torch.no_grad():
         out = reference.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-    _assert_close(features[32], _nhwc(out), "xception65 output stride 16")
+    assert_close(features[32], nhwc(out), "xception65 output stride 16")
 
 
 @pytest.mark.parametrize("arch", ["deeplabv3_resnet101", "fcn_resnet101"])
