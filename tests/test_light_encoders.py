@@ -308,3 +308,33 @@ def test_wrong_variant_lists_the_keys_and_what_the_file_is():
     assert "looks like 'efficientnet_b0'" in message and "timm's 'efficientnet_b1'" in message
     # B1 has 23 blocks to B0's 16: 7 blocks are missing.
     assert "missing keys" in message and "blocks.0.1.conv_dw.weight" in message
+
+
+@pytest.mark.parametrize(
+    "backbone,reference",
+    [
+        ("mobilenet_v2", lambda: torchvision.models.mobilenet_v2()),
+        ("efficientnet_b0", lambda: timm.create_model("efficientnet_b0")),
+    ],
+)
+def test_pretrained_imagenet_file_loads_into_a_one_channel_unet(backbone, reference, tmp_path):
+    # What train.py --pretrained does: an ImageNet classifier file (head included) initialises
+    # the U-Net's encoder; the RGB stem is summed to one channel as smp does.
+    from model_helpers import random_variables
+
+    state = {k: v.detach().clone() for k, v in reference().state_dict().items()}
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(state, path)
+    model = models.create_model("unet", num_classes=3, backbone=backbone, in_channels=1)
+    variables = random_variables(model, jnp.zeros((1, 64, 64, 1)))
+    loaded, report = weights.load_pretrained_backbone(variables, str(path), model)
+    flat = traverse_util.flatten_dict(loaded["params"]["backbone"], sep="/")
+    stem_key = backbones.key_map(backbone)
+    stem_path, stem_torch = next(
+        (path[1:], key) for path, key in stem_key.items() if path[-1] == "kernel"
+    )
+    stem = flat["/".join(stem_path)]
+    expected = state[stem_torch].numpy().transpose(2, 3, 1, 0).sum(axis=2, keepdims=True)
+    np.testing.assert_allclose(stem, expected, rtol=1e-6)
+    assert len(report.adapted) == 1 and report.adapted[0].startswith("backbone/")
+    assert report.random and not [name for name in report.random if "backbone" in name]
