@@ -245,6 +245,7 @@ def test_out_of_memory_gets_one_sentence_with_a_hint(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error: the device ran out of memory")
     assert "--batch_size" in lines[0] and "--crop_size" in lines[0]
+    assert "--config.remat=True" in lines[0]
 
 
 def test_unwritable_workdir_is_refused_before_set_up(data_dir, tmp_path, monkeypatch):

@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     # with the same path and shape (FCN's staged training: 16s from 32s, 8s from 16s).
     config.init_from = ""
     config.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators. Params stay float32.
+    # Rematerialise the backbone's repeated units (ResNet/Xception/MobileNetV2/EfficientNet
+    # blocks) in the backward pass: less device memory for about one more backbone forward pass.
+    # Not part of the model spec: a run may be resumed with or without it.
+    config.remat = False
     config.num_classes = config_dict.placeholder(int)  # None = the dataset's class count
     # Weight of every auxiliary head's loss; None = the model's default (configs/models.py).
     config.aux_loss_weight = config_dict.placeholder(float)

@@ -10,8 +10,8 @@ decoder (as torchvision's ``_SimpleSegmentationModel`` and smp's ``SegmentationM
     ``in_channels`` channels (``check_images``; wrapped in by ``__init_subclass__``, so no model
     file has to remember it and none can skip it);
   - ``resolve_output_stride(output_stride)``: the apply-time override, else the constructor's;
-  - ``create_backbone(...)``: ``backbones.create`` with the model's backbone, width and dtypes,
-    named ``backbone``;
+  - ``create_backbone(...)``: ``backbones.create`` with the model's backbone, width, dtypes and
+    ``remat``, named ``backbone``;
   - ``finish(logits, images)``: bilinear resize to the input's H×W and float32 cast;
   - ``sow_aux_head(...)``: the auxiliary FCN head whose logits go to the ``'aux'`` collection;
   - ``pretrained_backbone()``: which ImageNet network initialises the model and where it sits,
@@ -81,6 +81,11 @@ class SegmentationModel(nn.Module):
     ``in_channels`` (default 3, RGB) is the images' channel count; the first convolution takes
     its input width from it. Pretrained RGB weights are adapted to it by
     ``flaxseg.weights.adapt_first_conv`` (as segmentation_models_pytorch does).
+
+    ``remat`` (default False) rematerialises the backbone's repeated units in the backward pass
+    (``backbones.create(..., remat=True)``): less device memory for about one more forward pass
+    of the backbone. It changes no variable, so checkpoints trained with and without it are
+    interchangeable; backbones without repeated units (VGG, AlexNet, U-Net's own path) ignore it.
     """
 
     TITLE: ClassVar[str] = "model"
@@ -90,6 +95,7 @@ class SegmentationModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     in_channels: int = 3
+    remat: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Wrapped before flax wraps its methods, so that init and apply both check the images.
@@ -142,9 +148,10 @@ class SegmentationModel(nn.Module):
         return output_stride
 
     def create_backbone(self, **kwargs: Any) -> nn.Module:
-        """``backbones.create(self.backbone, ...)`` named 'backbone', in the model's dtypes and
-        ``base_width``; ``kwargs`` (``output_stride``, ``multi_grid``, ...) go to ``create``."""
-        kwargs = {"base_width": getattr(self, "base_width", 64), **kwargs}
+        """``backbones.create(self.backbone, ...)`` named 'backbone', in the model's dtypes,
+        ``base_width`` and ``remat``; ``kwargs`` (``output_stride``, ``multi_grid``, ...) go to
+        ``create``."""
+        kwargs = {"base_width": getattr(self, "base_width", 64), "remat": self.remat, **kwargs}
         return backbones.create(
             self.backbone, dtype=self.dtype, param_dtype=self.param_dtype, name="backbone", **kwargs
         )

@@ -101,6 +101,19 @@ def conv_without_bias(dtype: Dtype, param_dtype: Dtype) -> Callable[..., nn.Conv
     )
 
 
+@functools.cache
+def rematerialised(unit: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """``unit`` (a backbone's repeated unit, called as ``unit(...)(x, train)``) wrapped in flax's
+    lifted ``nn.remat`` when ``remat`` is set, else ``unit`` itself.
+
+    A rematerialised unit keeps only its input for the backward pass and recomputes its
+    activations there: less device memory for one more forward pass per unit. The variables
+    (names, tree, shapes) are the same either way, so checkpoints are interchangeable.
+    ``train`` (argument 2, counting ``self``) is a Python bool: static.
+    """
+    return nn.remat(unit, static_argnums=(2,)) if remat else unit
+
+
 class ConvBNAct(nn.Module):
     """Convolution, optional BatchNorm, optional activation: the unit most decoders repeat.
 

@@ -70,9 +70,16 @@ def run_or_exit(program: str, fn, *args, **kwargs):
             raise
         logging.debug("%s failed", program, exc_info=True)
         reason = str(error).strip().splitlines()[0]
+        bfloat16 = "compute in bfloat16 with --config.dtype=bfloat16"
+        # Rematerialisation trades compute for the backward pass's memory: training only.
+        tail = (
+            f"{bfloat16}, or rematerialise the backbone with --config.remat=True"
+            if program == "train.py"
+            else f"or {bfloat16}"
+        )
         print(
             f"{program}: error: the device ran out of memory ({reason}); lower --batch_size or "
-            "--crop_size, or compute in bfloat16 with --config.dtype=bfloat16.",
+            f"--crop_size, {tail}.",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -33,9 +33,26 @@ from flaxseg.training import spec as spec_lib
 from flaxseg.training import state as state_lib
 from flaxseg.training.sharding import create_mesh, replicated, shard_batch
 
+# XLA's CPU pipeline drops jax.checkpoint's optimisation barriers early (its
+# cse_barrier_expander pass) and CSE then merges the recomputation back into the saved
+# activations: --config.remat would save nothing there. GPU and TPU compilers keep the barriers.
+CPU_REMAT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
-def _jit_step(step, mesh):
-    return jax.jit(step, out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+def _jit_step(step, mesh, compiler_options=None):
+    return jax.jit(
+        step,
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=compiler_options,
+    )
+
+
+def remat_compiler_options(config):
+    """The compiler options that keep --config.remat's recomputation on this backend, or None."""
+    if config.get("remat", False) and jax.default_backend() == "cpu":
+        return CPU_REMAT_COMPILER_OPTIONS
+    return None
 
 
 def jit_train_step(config, mesh):
@@ -47,8 +64,9 @@ def jit_train_step(config, mesh):
         aux_loss_weight=config.aux_loss_weight,
         skip_nonfinite=config.skip_nonfinite,
     )
+    options = remat_compiler_options(config)
     if not config.adversarial:
-        return _jit_step(functools.partial(steps.train_step, **common), mesh)
+        return _jit_step(functools.partial(steps.train_step, **common), mesh, options)
     return _jit_step(
         functools.partial(
             adversarial.train_step,
@@ -60,6 +78,7 @@ def jit_train_step(config, mesh):
             tau=config.adv_tau,
         ),
         mesh,
+        options,
     )
 
 
@@ -213,7 +232,9 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     elif config.init_from:
         initialization.check_init_from(config.init_from, spec)
     spec_lib.check_input_channels(config.dataset, spec["in_channels"], "--model_kwargs sets")
-    model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])  # checks its arguments
+    model = spec_lib.build_model(  # checks its arguments
+        spec, spec_lib.DTYPES[config.dtype], remat=config.get("remat", False)
+    )
 
     train_iterator = inputs.create_train_iterator(config)
     mesh = create_mesh()

@@ -11,6 +11,8 @@ Dtypes: ``param_dtype`` (the dtype of the stored parameters, float32 unless
 ``--model_kwargs='{"param_dtype": ...}'``) is part of the architecture: restoring arrays of
 another parameter dtype is refused. The compute dtype (``--config.dtype``) is not: a run
 trained in bfloat16 may be resumed or evaluated in float32 (the parameters are the same).
+Likewise ``--config.remat`` (rematerialise the backbone's units to save memory) is a training
+choice, not part of the spec: a run may be resumed with or without it.
 """
 
 import functools
@@ -28,7 +30,7 @@ from flaxseg.training import losses, optim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Constructor arguments that change only how a model computes, not which arrays it has.
-COMPUTE_ONLY_KWARGS = ("dtype",)
+COMPUTE_ONLY_KWARGS = ("dtype", "remat")
 # Architecture facts in words, for the sentences that refuse a mismatch.
 FACT_NAMES = {
     "model": "model",
@@ -77,6 +79,8 @@ def validate_config(config) -> None:
         )
     if config.dtype not in DTYPES:
         raise ValueError(f"--config.dtype={config.dtype!r} is not one of {', '.join(DTYPES)}.")
+    if not isinstance(config.get("remat", False), bool):
+        raise ValueError(f"--config.remat must be True or False, got {config.remat!r}.")
     if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
         raise ValueError(f"--lr must be positive, got {config.lr}.")
     optim.learning_rate_schedule(  # an unknown schedule, a 'step' schedule without its size
@@ -214,10 +218,13 @@ def model_spec(config) -> dict:
     return spec
 
 
-def build_model(spec: dict, dtype=jnp.float32):
-    """The model of ``spec`` computing in ``dtype`` (specs written before ``in_channels`` and
-    ``param_dtype`` were recorded get the defaults, 3 and float32)."""
+def build_model(spec: dict, dtype=jnp.float32, remat: bool = False):
+    """The model of ``spec`` computing in ``dtype``, rematerialising its backbone's units with
+    ``remat`` (specs written before ``in_channels`` and ``param_dtype`` were recorded get the
+    defaults, 3 and float32)."""
     kwargs = dict(spec["model_kwargs"])
+    if remat:
+        kwargs["remat"] = True
     if spec.get("backbone"):
         kwargs["backbone"] = spec["backbone"]
     kwargs.setdefault("in_channels", int(spec.get("in_channels", 3)))

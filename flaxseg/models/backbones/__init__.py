@@ -64,6 +64,7 @@ def create(
     deep_stem: bool = False,
     base_width: int = 64,
     dilation_style: str = "torchvision",
+    remat: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """The backbone module ``name`` (one of ``NAMES``).
@@ -72,7 +73,10 @@ def create(
     stage's units (ResNet, Xception; None = no multi-grid); ``deep_stem`` ResNet's three-conv
     stem; ``dilation_style`` how a ResNet trades strides for dilation: 'torchvision' (the first
     unit of a dilated stage keeps the previous rate) or 'smp' (every unit gets the stage's rate,
-    as segmentation_models_pytorch's ``make_dilated``); ``kwargs`` go to the module (``dtype``,
+    as segmentation_models_pytorch's ``make_dilated``); ``remat`` rematerialises the repeated
+    units (ResNet blocks, Xception units, MobileNetV2/EfficientNet blocks; VGG and AlexNet have
+    none and ignore it) in the backward pass, with the same variables (``layers.rematerialised``);
+    ``kwargs`` go to the module (``dtype``,
     ``param_dtype``, ``name``; VGG's ``pooling`` and ``first_conv_padding``, AlexNet's,
     Xception's ``num_middle_units``).
     """
@@ -95,16 +99,23 @@ def create(
             deep_stem=deep_stem,
             base_width=base_width,
             dilation_style=dilation_style,
+            remat=remat,
             **kwargs,
         )
     if name in LIGHT:
         # base_width 64 is the full network: widths scale by base_width / 64.
         cls = MobileNetV2 if name == "mobilenet_v2" else functools.partial(EfficientNet, name)
-        return cls(output_stride=output_stride, width_multiplier=base_width / 64, **kwargs)
+        return cls(
+            output_stride=output_stride, width_multiplier=base_width / 64, remat=remat, **kwargs
+        )
     multi_grid = tuple(multi_grid or (1, 1, 1))
     if name == "xception65":
         return Xception65(
-            output_stride=output_stride, multi_grid=multi_grid, base_width=base_width, **kwargs
+            output_stride=output_stride,
+            multi_grid=multi_grid,
+            base_width=base_width,
+            remat=remat,
+            **kwargs,
         )
     if name in VGGS:
         return VGG16(

@@ -57,6 +57,7 @@ from flaxseg.models.layers import (
     check_rate,
     conv_key_map,
     conv_without_bias,
+    rematerialised,
 )
 
 VARIANTS = tuple(f"b{i}" for i in range(8))
@@ -360,13 +361,15 @@ class EfficientNet(nn.Module):
     keyed by nominal stride with ``efficientnet_channels(arch, width_multiplier)`` channels
     (B0: timm names 16, 24, 40, 112, 320; smp names 32, 24, 40, 112, 320). ``width_multiplier``
     scales every width on top of the variant's (tiny test nets); ``drop_path_rate`` see the
-    module docstring. Changing ``output_stride`` never changes a parameter shape.
+    module docstring; ``remat`` rematerialises every block (``layers.rematerialised``), with
+    the same variables. Changing ``output_stride`` never changes a parameter shape.
     """
 
     arch: str = "efficientnet_b0"
     output_stride: int = 32
     width_multiplier: float = 1.0
     drop_path_rate: float = 0.0
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -397,8 +400,9 @@ class EfficientNet(nn.Module):
         x = nn.silu(x)
         taps = {index: stride for stride, index in feature_taps(self.arch).items()}
         features = {taps[-1]: x} if -1 in taps else {}
+        block = rematerialised(MBConv, self.remat)
         for spec in specs:
-            x = MBConv(
+            x = block(
                 spec,
                 flavor.padding,
                 flavor.bn_epsilon,

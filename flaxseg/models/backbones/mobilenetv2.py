@@ -36,6 +36,7 @@ from flaxseg.models.layers import (
     check_output_stride,
     conv_key_map,
     conv_without_bias,
+    rematerialised,
 )
 
 # torchvision's inverted residual settings: (expand ratio t, channels c, repeats n, stride s).
@@ -128,10 +129,12 @@ class MobileNetV2(nn.Module):
     Input [B, H, W, 3] (normalised RGB), any H, W. Output ``{2, 4, 8, 16, 32}`` -> feature maps
     (nominal strides) with ``mobilenet_v2_channels(width_multiplier)`` channels (16, 24, 32,
     96, 1280 at 1.0). Spatial sizes follow PyTorch: a stride-2 step maps n to ⌊(n − 1)/2⌋ + 1.
+    ``remat`` rematerialises every block (``layers.rematerialised``), with the same variables.
     """
 
     output_stride: int = 32
     width_multiplier: float = 1.0
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -162,9 +165,10 @@ class MobileNetV2(nn.Module):
         x = nn.relu6(norm(name="features_0_1")(x))
         taps = {index: stride for stride, index in FEATURE_INDEXES.items()}
         features = {}
+        block = rematerialised(InvertedResidual, self.remat)
         for index, (c_in, c_out, t, stride) in enumerate(plan, start=1):
             rate = self._rate(index)
-            x = InvertedResidual(
+            x = block(
                 c_in,
                 c_out,
                 t,

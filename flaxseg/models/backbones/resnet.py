@@ -42,7 +42,8 @@ ResNeXt the 3×3 conv keeps its width ratio (``2 · planes`` for 32x4d) and uses
 ``gcd(groups, width)`` groups, which is 32 at full size and fewer at test-size widths.
 
 Changing ``output_stride``, ``multi_grid`` or ``dilation_style`` never changes a parameter
-shape: variables trained one way can be evaluated another.
+shape: variables trained one way can be evaluated another. ``remat`` rematerialises every unit
+(``layers.rematerialised``: less memory, one more forward pass) with the same variables.
 """
 
 import dataclasses
@@ -62,6 +63,7 @@ from flaxseg.models.layers import (
     check_output_stride,
     conv_key_map,
     conv_without_bias,
+    rematerialised,
 )
 
 
@@ -263,6 +265,7 @@ class ResNet(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     dilation_style: str = "torchvision"
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -306,6 +309,7 @@ class ResNet(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         plan = stage_plan(self.depth, self.output_stride, self.multi_grid, self.dilation_style)
+        block = rematerialised(BasicBlock if spec.block == "basic" else Bottleneck, self.remat)
         for index, (stride, rates) in enumerate(plan):
             planes = self.base_width * 2**index
             for unit, rate in enumerate(rates):
@@ -317,10 +321,10 @@ class ResNet(nn.Module):
                     **kw,
                 )
                 if spec.block == "basic":
-                    x = BasicBlock(planes, **common)(x, train)
+                    x = block(planes, **common)(x, train)
                 else:
                     width, groups = _bottleneck_width(spec, planes)
-                    x = Bottleneck(width, planes=planes, groups=groups, **common)(x, train)
+                    x = block(width, planes=planes, groups=groups, **common)(x, train)
             features[4 * 2**index] = x
         return features
 

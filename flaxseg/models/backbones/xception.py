@@ -44,6 +44,7 @@ from flaxseg.models.layers import (
     check_output_stride,
     conv_key_map,
     conv_without_bias,
+    rematerialised,
 )
 
 XCEPTION_BN_EPSILON = 1e-3
@@ -128,12 +129,14 @@ class Xception65(nn.Module):
     Input [B, H, W, 3]; output ``{4, 8, 16, 32}`` -> feature maps (nominal strides) with
     ``xception65_channels(base_width)`` channels (256, 728, 1024, 2048 at base_width 64).
     ``num_middle_units`` (16 in the paper) and ``base_width`` only exist to build tiny test nets.
+    ``remat`` rematerialises every unit (``layers.rematerialised``), with the same variables.
     """
 
     output_stride: int = 32
     multi_grid: tuple[int, ...] = (1, 1, 1)
     base_width: int = 64
     num_middle_units: int = 16
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -170,6 +173,7 @@ class Xception65(nn.Module):
 
         features, current_stride, rate = {}, 2, 1
         configs = _unit_configs(self.num_middle_units)
+        unit_class = rematerialised(XceptionUnit, self.remat)
         for index, (channels, stride) in enumerate(configs):
             unit_rate = rate
             if stride > 1 and current_stride * stride > self.output_stride:
@@ -178,7 +182,7 @@ class Xception65(nn.Module):
                 current_stride *= stride
             last = index == len(configs) - 1
             rates = tuple(unit_rate * int(m) for m in self.multi_grid) if last else (unit_rate,) * 3
-            x, end_point = XceptionUnit(
+            x, end_point = unit_class(
                 tuple(_scaled(c, self.base_width) for c in channels),
                 stride=stride,
                 dilations=rates,
