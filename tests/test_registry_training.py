@@ -1,4 +1,5 @@
-"""Every registered model trains on the synthetic set and goes through train → checkpoint → eval.
+"""Every registered model trains on the synthetic set (compiling its step once) and goes through
+train → checkpoint → eval.
 
 Tiny widths (tests/tiny_models.py), 48 px crops. The loss check overfits one real batch from the
 synthetic pipeline for a few steps: with working gradients, the loss on that batch must drop.
@@ -57,6 +58,8 @@ def test_model_trains_and_evaluates(name, data_dir, tmp_path):
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses)), losses
     assert min(losses[-3:]) < losses[0], losses
+    # Static shapes and a state of fixed structure: the step compiled once, not once per call.
+    assert evaluation.compile_count(train_step) == 1
 
     # Same config, so the train step's compiled executable comes from the persistent cache.
     summary = loop.train_and_evaluate(config, tmp_path, stop_at_step=2)
