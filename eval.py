@@ -6,7 +6,7 @@ python eval.py --workdir=/tmp/fcn8s [--split=validation] [--checkpoint=latest|be
 
 from absl import app, flags
 
-from flaxseg.training import cli, evaluation
+from flaxseg.training import cli, distributed, evaluation, reporting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -23,6 +23,7 @@ flags.DEFINE_boolean("flip", False, "Also average the horizontally flipped image
 flags.DEFINE_integer("window", None, "Sliding-window side in pixels (default: whole images).")
 flags.DEFINE_float("overlap", 0.33, "Overlap of neighbouring sliding windows, in [0, 1).")
 flags.DEFINE_boolean("crf", False, "Refine the probabilities with the dense CRF.")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 
 def _evaluate():
@@ -49,12 +50,13 @@ def main(argv):
     del argv
     cli.enable_compilation_cache()
     cli.quiet_library_logs()
+    cli.run_or_exit("eval.py", distributed.initialize_from_flags, "eval.py")
     summary = cli.run_or_exit("eval.py", _evaluate)
-    print(
+    reporting.say(  # process 0 only
         f"checkpoint step {summary['step']}, split {FLAGS.split}, eval step compiled "
         f"{summary['compilations']} times (one per image-size bucket)"
     )
-    print(summary["report"])
+    reporting.say(summary["report"])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxseg.training import cli, loop
+from flaxseg.training import cli, distributed, loop, reporting
 
 FLAGS = flags.FLAGS
 try:  # the flag applies --config.<field> overrides as it is defined
@@ -58,7 +58,14 @@ flags.DEFINE_string(
     "adversarial", None, "Adversarial training with this input encoding: basic, product, scaling."
 )
 flags.DEFINE_string("adversary", None, "Adversary network (flaxseg.models.adversarial).")
+flags.DEFINE_string(
+    "parallel",
+    None,
+    "Data parallelism: 'jit' (one program over the device mesh, the default) or 'pmap' "
+    "(jax.pmap with cross-device sums and synchronised BatchNorm; the same update).",
+)
 flags.DEFINE_float("adv_weight", None, "Weight λ of the segmenter's adversarial loss.")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 _OVERRIDES = (
     "model",
@@ -78,6 +85,7 @@ _OVERRIDES = (
     "adversarial",
     "adversary",
     "adv_weight",
+    "parallel",
 )
 
 
@@ -85,13 +93,15 @@ def main(argv):
     del argv
     cli.enable_compilation_cache()
     cli.quiet_library_logs()
+    cli.run_or_exit("train.py", distributed.initialize_from_flags, "train.py")
     overrides = {name: FLAGS[name].value for name in _OVERRIDES}
     config = cli.run_or_exit("train.py", cli.apply_overrides, FLAGS.config, overrides)
     workdir = FLAGS.workdir or f"runs/{config.model}"
+    cli.run_or_exit("train.py", distributed.prepare_dataset, config)  # process 0 first
     summary = cli.run_or_exit("train.py", loop.train_and_evaluate, config, workdir)
     if not summary.get("preempted"):
-        print(f"Checkpoints and TensorBoard files are in {Path(workdir).absolute()}.")
-    print(summary["report"])
+        reporting.say(f"Checkpoints and TensorBoard files are in {Path(workdir).absolute()}.")
+    reporting.say(summary["report"])  # process 0 only
 
 
 if __name__ == "__main__":

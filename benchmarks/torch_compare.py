@@ -8,6 +8,8 @@ import functools
 import sys
 import time
 import types
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,13 +76,27 @@ def torch_steps(module, images, labels, aux_loss_weight: float = 0.0, lr: float 
     return train, evaluate
 
 
-def flaxseg_steps(model, variables, images, labels, num_classes: int, aux_loss_weight=0.0):
-    """(train, eval) closures for a flaxseg ``model`` with the same recipe as ``torch_steps``."""
+class FlaxsegSteps(NamedTuple):
+    """flaxseg's jitted steps and closures that run them on one fixed batch."""
+
+    train: Callable[[], None]  # one SGD step (the state is donated and replaced)
+    evaluate: Callable[[], None]  # one inference forward
+    train_jit: Any  # jax.jit(train_step): .lower(*train_args()).compile() for HLO / memory
+    train_args: Callable[[], tuple]
+    eval_jit: Any
+    eval_args: Callable[[], tuple]
+
+
+def flaxseg_step_fns(
+    model, variables, images, labels, num_classes: int, aux_loss_weight=0.0
+) -> FlaxsegSteps:
+    """flaxseg's train step and inference forward with the same recipe as ``torch_steps``."""
+    # Copies: the train step donates its state, and the caller may build further variants.
     state = state_lib.TrainState.create(
         apply_fn=model.apply,
-        params=variables["params"],
+        params=jax.tree.map(jnp.array, variables["params"]),
         tx=optim.create_optimizer(learning_rate=0.01),
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
     )
     train_step = jax.jit(
         functools.partial(
@@ -105,7 +121,88 @@ def flaxseg_steps(model, variables, images, labels, num_classes: int, aux_loss_w
     def evaluate():
         jax.block_until_ready(eval_step(holder["state"], batch["image"]))
 
-    return train, evaluate
+    return FlaxsegSteps(
+        train,
+        evaluate,
+        train_step,
+        lambda: (holder["state"], batch, key),
+        eval_step,
+        lambda: (holder["state"], batch["image"]),
+    )
+
+
+def flaxseg_steps(model, variables, images, labels, num_classes: int, aux_loss_weight=0.0):
+    """(train, eval) closures for a flaxseg ``model`` with the same recipe as ``torch_steps``."""
+    fns = flaxseg_step_fns(model, variables, images, labels, num_classes, aux_loss_weight)
+    return fns.train, fns.evaluate
+
+
+TORCHVISION_ARCHS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet50")
+
+
+class TorchSteps(NamedTuple):
+    train: Callable[[], None]
+    evaluate: Callable[[], None]
+    module: Any
+
+
+class Pair(NamedTuple):
+    """The same network, weights and batch in PyTorch and in flaxseg."""
+
+    name: str
+    torch: TorchSteps
+    jax: FlaxsegSteps
+    num_params: int
+    jax_inputs: tuple  # flaxseg_step_fns's arguments, to build more step variants
+
+
+def torchvision_pair(arch: str, batch_size: int, size: int, aux_loss_weight: float = 0.5) -> Pair:
+    """torchvision's ``arch`` (random weights, aux head) and its flaxseg twin
+    (``weights.convert_torchvision``), with train/eval steps on one random batch."""
+    import torch
+
+    from flaxseg import models, weights
+
+    torchvision = import_torchvision()
+    torch.manual_seed(0)
+    builder = getattr(torchvision.models.segmentation, arch)
+    reference = builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    model, variables = weights.convert_torchvision(arch, reference.state_dict())
+    images, labels = random_batch(batch_size, size, size, 21)
+    torch_train, torch_eval = torch_steps(reference, images, labels, aux_loss_weight)
+    inputs = (model, variables, images, labels, 21, aux_loss_weight)
+    return Pair(
+        f"torchvision {arch}",
+        TorchSteps(torch_train, torch_eval, reference),
+        flaxseg_step_fns(*inputs),
+        models.count_params(variables),
+        inputs,
+    )
+
+
+def smp_pair(arch: str, encoder: str, batch_size: int, size: int) -> Pair:
+    """smp's ``arch`` on ``encoder`` (random weights) and its flaxseg twin
+    (``weights.convert_smp``), with train/eval steps on one random batch."""
+    import torch
+
+    from flaxseg import models, weights
+
+    import_torchvision()
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    reference = getattr(smp, arch)(encoder, encoder_weights=None, classes=21)
+    model, variables = weights.convert_smp(arch, encoder, reference.state_dict())
+    images, labels = random_batch(batch_size, size, size, 21)
+    torch_train, torch_eval = torch_steps(reference, images, labels)
+    inputs = (model, variables, images, labels, 21, 0.0)
+    return Pair(
+        f"smp {arch}({encoder})",
+        TorchSteps(torch_train, torch_eval, reference),
+        flaxseg_step_fns(*inputs),
+        models.count_params(variables),
+        inputs,
+    )
 
 
 def print_table(title: str, rows, batch_size: int) -> None:

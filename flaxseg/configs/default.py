@@ -74,6 +74,14 @@ def get_config() -> ml_collections.ConfigDict:
     # the first match decides. See flaxseg/training/optim.py.
     config.param_groups = ()
     config.seed = 0
+    # Accumulate the gradients of this many micro-batches per step (it must divide the
+    # per-device batch): the same update as the whole batch for pixel-sum losses
+    # (cross-entropy, focal) in a fraction of the activation memory; BatchNorm then normalises
+    # each micro-batch by its own statistics.
+    config.grad_accum = 1
+    # 'jit': one program over a device mesh (the default); 'pmap': jax.pmap over each host's
+    # devices with cross-device sums and synchronised BatchNorm: the same update.
+    config.parallel = "jit"
     # A non-finite loss or gradient stops the run (naming the step and the last good
     # checkpoint); with True such updates are skipped instead and counted (train/nonfinite).
     config.skip_nonfinite = False

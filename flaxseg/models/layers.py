@@ -5,9 +5,11 @@ All arrays are NHWC. Modules keep their parameters in ``param_dtype`` (float32) 
 sizes) follows PyTorch/Caffe conventions so that published weights and crop offsets carry over.
 """
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -74,11 +76,31 @@ def he_normal_fan_out() -> Callable:
     return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+_BATCH_NORM_AXIS: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "batch_norm_axis", default=None
+)
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(axis_name: Optional[str]):
+    """Within this context every BatchNorm built by ``batch_norm`` and traced inside a
+    ``jax.pmap(..., axis_name=axis_name)`` computes its batch statistics over the whole axis
+    (SyncBN): the mean and mean square are averaged over the devices, so training normalises
+    with the global batch's statistics, as a jitted step over a device mesh does. None: each
+    device's own batch (flax's default)."""
+    token = _BATCH_NORM_AXIS.set(axis_name)
+    try:
+        yield
+    finally:
+        _BATCH_NORM_AXIS.reset(token)
+
+
 def batch_norm(
     train: bool, dtype: Dtype, param_dtype: Dtype, epsilon: float = BN_EPSILON
 ) -> Callable[..., nn.BatchNorm]:
     """``nn.BatchNorm`` with PyTorch's momentum and (by default) epsilon, normalising with the
-    batch's statistics when ``train`` and with the running ones otherwise; call it with a name."""
+    batch's statistics when ``train`` and with the running ones otherwise; call it with a name.
+    Inside ``synchronized_batch_norm(axis)`` the batch statistics span that pmap axis."""
     return functools.partial(
         nn.BatchNorm,
         use_running_average=not train,
@@ -86,18 +108,150 @@ def batch_norm(
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
+        axis_name=_BATCH_NORM_AXIS.get() if train else None,
+    )
+
+
+# ``conv_by_taps`` switches from one XLA convolution to a sum of per-tap matmuls when at most
+# this fraction of the kernel taps' multiply-adds read real (not padding) pixels. Measured on
+# the 2-core CPU (batch 2, 2048 -> 256 channels, forward + both gradients): at 33x33, rate 12
+# (fraction 0.58) the taps are 1.3x faster, at rates 24 / 36 (0.27 / 0.11) 5.7x / 33x; at
+# 65x65 rate 12 (0.77) and 33x33 rate 4 (0.85) the single convolution is faster.
+IN_BOUNDS_TAPS_MAX_FRACTION = 0.6
+# False: ``conv_by_taps`` always calls ``lax.conv_general_dilated`` (read when a model is
+# traced; for A/B measurements such as benchmarks/profile_cpu.py --ab).
+CONV_BY_TAPS = True
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _tap_ranges(size: int, kernel: int, dilation: int, pad_low: int, pad_high: int):
+    # Per tap: (first output, end output, first input) of the outputs whose input is real.
+    out = size + pad_low + pad_high - dilation * (kernel - 1)
+    ranges = []
+    for tap in range(kernel):
+        shift = tap * dilation - pad_low  # input index of output 0
+        first, end = max(0, -shift), min(out, size - shift)
+        ranges.append((first, end, first + shift) if first < end else None)
+    return out, ranges
+
+
+def in_bounds_fraction(shape: Sequence[int], kernel_shape: Sequence[int], dilation, padding):
+    """Fraction of a stride-1 NHWC convolution's multiply-adds that read real input pixels
+    (the rest read zero padding): ``shape`` [B, H, W, C], HWIO ``kernel_shape``, per-axis
+    ``dilation`` and ``padding`` pairs."""
+    fraction = 1.0
+    for axis in range(2):
+        out, ranges = _tap_ranges(
+            shape[1 + axis], kernel_shape[axis], dilation[axis], *padding[axis]
+        )
+        used = sum(end - first for first, end, _ in filter(None, ranges))
+        fraction *= used / max(1, kernel_shape[axis] * out)
+    return fraction
+
+
+def _conv_taps(lhs, rhs, padding, dilation, precision):
+    # Stride-1 NHWC conv as the sum over taps of x[in-bounds window] @ kernel[tap], each padded
+    # to the output; taps that read padding only are skipped.
+    out_h, rows = _tap_ranges(lhs.shape[1], rhs.shape[0], dilation[0], *padding[0])
+    out_w, cols = _tap_ranges(lhs.shape[2], rhs.shape[1], dilation[1], *padding[1])
+    result = None
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            if row is None or col is None:
+                continue
+            (r0, r1, y0), (c0, c1, x0) = row, col
+            window = lhs[:, y0 : y0 + r1 - r0, x0 : x0 + c1 - c0, :]
+            part = jnp.einsum("bhwc,cd->bhwd", window, rhs[i, j], precision=precision)
+            part = jnp.pad(part, ((0, 0), (r0, out_h - r1), (c0, out_w - c1), (0, 0)))
+            result = part if result is None else result + part
+    if result is None:  # every tap reads padding only
+        return jnp.zeros((lhs.shape[0], out_h, out_w, rhs.shape[3]), lhs.dtype)
+    return result
+
+
+def conv_by_taps(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
+    """``lax.conv_general_dilated`` (same signature and result) computed as matmuls where XLA's
+    CPU convolution is slow; for ``nn.Conv(conv_general_dilated=conv_by_taps)``.
+
+    On the CPU backend, for an ungrouped NHWC convolution:
+      * a 1×1 kernel without padding (any stride) is ``x[:, ::s, ::s] @ kernel``: the same
+        forward speed, and its kernel gradient is a plain matmul, 1.5–3× faster than XLA's
+        convolution kernel gradient (ResNet bottlenecks are two-thirds 1×1 convs);
+      * a stride-1 kernel whose taps mostly read zero padding (at most
+        ``IN_BOUNDS_TAPS_MAX_FRACTION`` of the work is real, ``in_bounds_fraction``) is the sum
+        over taps of ``x[in-bounds window] @ kernel[tap]``. DeepLab's ASPP (rates 12/24/36 on a
+        33×33 map at output stride 8) is the case: at rate 36 every off-centre tap lies outside
+        the map, and XLA computes those taps anyway (PyTorch's oneDNN skips part of them).
+    The same sums in another order (float rounding differs by ~1e-6 relative). Every other
+    convolution, every convolution on other backends, and every one when ``CONV_BY_TAPS`` is
+    False goes to ``lax.conv_general_dilated``.
+    """
+    ndim = lhs.ndim
+    dilation = tuple(rhs_dilation or (1,) * (ndim - 2))
+    standard = (
+        ndim == 4
+        and not kwargs
+        and feature_group_count == 1
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and dimension_numbers is not None
+        and CONV_BY_TAPS
+        and jax.default_backend() == "cpu"
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    )
+    if standard:
+        strides = tuple(window_strides)
+        if isinstance(padding, str):  # 'SAME' / 'VALID' as explicit pairs
+            reach = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
+            padding = jax.lax.padtype_to_pads(lhs.shape[1:3], reach, strides, padding)
+        padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+        if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+            window = lhs[:, :: strides[0], :: strides[1], :]
+            y = jnp.einsum("bhwc,cd->bhwd", window, rhs[0, 0], precision=precision)
+            return y.astype(jnp.result_type(lhs, rhs))
+        if (
+            strides == (1, 1)
+            and in_bounds_fraction(lhs.shape, rhs.shape, dilation, padding)
+            <= IN_BOUNDS_TAPS_MAX_FRACTION
+        ):
+            y = _conv_taps(lhs, rhs, padding, dilation, precision)
+            return y.astype(jnp.result_type(lhs, rhs))
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
     )
 
 
 def conv_without_bias(dtype: Dtype, param_dtype: Dtype) -> Callable[..., nn.Conv]:
     """``nn.Conv`` without bias and with torchvision's He (fan-out) init: the conv before a
-    BatchNorm in ResNet and Xception; call it with features, kernel size, strides, name."""
+    BatchNorm in ResNet and Xception; call it with features, kernel size, strides, name.
+    1×1 convolutions and those that read mostly padding run as matmuls (``conv_by_taps``)."""
     return functools.partial(
         nn.Conv,
         use_bias=False,
         kernel_init=he_normal_fan_out(),
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_general_dilated=conv_by_taps,
     )
 
 
@@ -152,6 +306,7 @@ class ConvBNAct(nn.Module):
             kernel_init=self.kernel_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_general_dilated=conv_by_taps,
             name="conv",
         )(x)
         if self.use_bn:
@@ -394,23 +549,48 @@ def transposed_conv_output_size(size: int, kernel_size: int, stride: int, paddin
     return out
 
 
-def conv_transpose(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-    """Transposed convolution of [B, H, W, C_in] by an HWIO kernel [k, k, C_in, C_out].
+# Implementations of ``conv_transpose`` (its ``impl`` argument); None picks
+# ``default_conv_transpose_impl()``.
+CONV_TRANSPOSE_IMPLS = ("lax", "lax_subpixel_grad", "subpixel")
 
-    PyTorch ``ConvTranspose2d`` semantics: input pixel i adds ``kernel[ky] · x[i]`` to output
-    pixel ``i·stride − padding + ky``; output size (n − 1)·s − 2p + k.
 
-    Computed in sub-pixel form: output pixel q·s + r − p only sees the M = ceil(k / s) inputs
-    q, q − 1, ..., q − M + 1, through kernel taps r, r + s, ..., so one ordinary M×M convolution
-    with s²·C_out outputs followed by depth-to-space gives the result. The textbook form
-    (correlating the s-fold zero-dilated input with the full k×k kernel) does k²/M² times the
-    multiplies, nearly all by zeros; for FCN's 64×64 stride-32 kernel XLA on CPU runs it ~10×
-    slower.
+def default_conv_transpose_impl(backend: str | None = None) -> str:
+    """The transposed-convolution implementation ``impl=None`` uses on ``backend`` (default:
+    ``jax.default_backend()``): ``'subpixel'`` on CPU, ``'lax'`` elsewhere.
+
+    On XLA:CPU (2 cores, FCN-8s/32s layers at 500 px, batch 8; ``benchmarks/conv_transpose.py``)
+    the sub-pixel form ran 2–26× faster than ``jax.lax.conv_transpose`` forward and 10–25×
+    forward+backward: XLA:CPU computes the transposed convolution densely over the zero-dilated
+    input (15 s for FCN-32s's 64×64 stride-32 layer) and its kernel gradient is slower still.
+    GPU and TPU get ``jax.lax.conv_transpose``, their native transposed convolution (not yet
+    measured against the sub-pixel form there).
     """
+    backend = jax.default_backend() if backend is None else backend
+    return "subpixel" if backend == "cpu" else "lax"
+
+
+def _conv_transpose_lax(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    # PyTorch geometry: with ``transpose_kernel`` the kernel is read as the HWOI kernel of the
+    # forward convolution this one transposes (flipped, in/out swapped), and with
+    # ``use_consistent_padding`` ``padding`` is that forward convolution's padding p, so the
+    # dilated input is padded by k − 1 − p on each side: output (n − 1)·s − 2p + k.
+    return jax.lax.conv_transpose(
+        x,
+        kernel,
+        (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWOI", "NHWC"),
+        transpose_kernel=True,
+        use_consistent_padding=True,
+    )
+
+
+def _conv_transpose_subpixel(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    # Output pixel q·s + r − p only sees the M = ceil(k / s) inputs q, q − 1, ..., q − M + 1,
+    # through kernel taps r, r + s, ..., so one M×M correlation with s²·C_out outputs followed
+    # by depth-to-space gives the result.
     k, _, c_in, c_out = kernel.shape
     s, p = stride, padding
-    if p < 0:
-        raise ValueError(f"Transposed convolution padding must be non-negative, got {p}.")
     taps = -(-k // s)
     kernel = jnp.pad(kernel, ((0, taps * s - k), (0, taps * s - k), (0, 0), (0, 0)))
     # [m_y, r_y, m_x, r_x, C_in, C_out]; correlation visits inputs q − M + 1 .. q, hence the flip
@@ -426,12 +606,67 @@ def conv_transpose(x: Array, kernel: Array, stride: int, padding: int) -> Array:
     patches = jnp.concatenate(
         [padded[:, i : i + q_h, j : j + q_w, :] for i in range(taps) for j in range(taps)], axis=-1
     )
-    y = patches @ kernel.reshape(taps * taps * c_in, s * s * c_out).astype(patches.dtype)
+    y = patches @ kernel.reshape(taps * taps * c_in, s * s * c_out)
     y = y.reshape(batch, q_h, q_w, s, s, c_out).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(batch, q_h * s, q_w * s, c_out)
     out_h = transposed_conv_output_size(x.shape[1], k, s, p)
     out_w = transposed_conv_output_size(x.shape[2], k, s, p)
     return y[:, p : p + out_h, p : p + out_w, :]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv_transpose_lax_subpixel_grad(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    return _conv_transpose_lax(x, kernel, stride, padding)
+
+
+@functools.partial(_conv_transpose_lax_subpixel_grad.defjvp, symbolic_zeros=True)
+def _conv_transpose_lax_subpixel_grad_jvp(stride, padding, primals, tangents):
+    # The output is bilinear in (x, kernel), so its tangent is f(dx, kernel) + f(x, dkernel);
+    # computing both terms in the sub-pixel form makes reverse mode (which transposes this
+    # linear map) use the matmul gradients instead of XLA's convolution gradients.
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = _conv_transpose_lax(x, kernel, stride, padding)
+    terms = []
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        terms.append(_conv_transpose_subpixel(dx, kernel, stride, padding))
+    if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
+        terms.append(_conv_transpose_subpixel(x, dkernel, stride, padding))
+    return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+
+
+_CONV_TRANSPOSE_FNS = {
+    "lax": _conv_transpose_lax,
+    "lax_subpixel_grad": _conv_transpose_lax_subpixel_grad,
+    "subpixel": _conv_transpose_subpixel,
+}
+
+
+def conv_transpose(
+    x: Array, kernel: Array, stride: int, padding: int, impl: str | None = None
+) -> Array:
+    """Transposed convolution of [B, H, W, C_in] by an HWIO kernel [k, k, C_in, C_out].
+
+    PyTorch ``ConvTranspose2d`` semantics: input pixel i adds ``kernel[ky] · x[i]`` to output
+    pixel ``i·stride − padding + ky``; output size (n − 1)·s − 2p + k. The kernel is cast to
+    ``x.dtype``. ``impl`` chooses how it is computed (the results agree to float rounding):
+
+    - ``'lax'``: ``jax.lax.conv_transpose``, differentiated by XLA.
+    - ``'subpixel'``: output pixel q·s + r − p sees only inputs q − M + 1 .. q (M = ceil(k/s))
+      through kernel taps r, r + s, ..., so one patch matrix [B·H'·W', M²·C_in] times the
+      kernel rearranged to [M²·C_in, s²·C_out], then depth-to-space. The textbook form
+      (correlating the s-fold zero-dilated input with the full kernel) does k²/M² times the
+      multiplies, nearly all by zeros.
+    - ``'lax_subpixel_grad'``: ``jax.lax.conv_transpose`` forward; derivatives (a
+      ``jax.custom_jvp``, so ``jax.grad``, ``jax.jvp``, ``jax.vmap``, ``jax.jit`` and
+      higher-order derivatives all work) in the sub-pixel form.
+    - ``None``: ``default_conv_transpose_impl()`` — ``'subpixel'`` on CPU, ``'lax'`` on GPU/TPU.
+    """
+    check_choice(impl, (None, *CONV_TRANSPOSE_IMPLS), "conv_transpose impl")
+    if padding < 0:
+        raise ValueError(f"Transposed convolution padding must be non-negative, got {padding}.")
+    impl = default_conv_transpose_impl() if impl is None else impl
+    return _CONV_TRANSPOSE_FNS[impl](x, kernel.astype(x.dtype), stride, padding)
 
 
 class ConvTransposeUpsample(nn.Module):
@@ -446,6 +681,10 @@ class ConvTransposeUpsample(nn.Module):
     C_in == features): with k = 2f, stride f, padding f/2 this equals
     ``F.interpolate(scale_factor=f, align_corners=False)`` away from the borders. FCN uses no
     bias. Freezing the kernel (the reference Caffe nets use lr_mult 0) is the optimizer's job.
+
+    ``impl`` is ``conv_transpose``'s: ``'lax'`` (``jax.lax.conv_transpose``), ``'subpixel'``,
+    ``'lax_subpixel_grad'``, or None for the backend's default (``'subpixel'`` on CPU, ``'lax'``
+    elsewhere); it changes the speed, not the parameters or (beyond float rounding) the result.
     """
 
     features: int
@@ -456,6 +695,7 @@ class ConvTransposeUpsample(nn.Module):
     bilinear_init: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -468,7 +708,7 @@ class ConvTransposeUpsample(nn.Module):
             )
         init = _bilinear_init if self.bilinear_init else nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, (k, k, c_in, self.features), self.param_dtype)
-        y = conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), s, p)
+        y = conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), s, p, self.impl)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

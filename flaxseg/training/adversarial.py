@@ -34,15 +34,16 @@ def _bce(logits, target: float):
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
 
 
-def _segment(state, params, batch, rng, train: bool = True):
+def _segment(state, params, batch, rng, train: bool = True, axis_name=None):
     """The segmenter's logits and updated collections on the batch (train mode by default)."""
-    return state.apply_fn(
-        steps.model_variables(params, state.batch_stats),
-        batch["image"],
-        train=train,
-        mutable=["batch_stats", AUX_COLLECTION],
-        rngs={"dropout": rng},
-    )
+    with steps.batch_norm_context(axis_name):
+        return state.apply_fn(
+            steps.model_variables(params, state.batch_stats),
+            batch["image"],
+            train=train,
+            mutable=["batch_stats", AUX_COLLECTION],
+            rngs={"dropout": rng},
+        )
 
 
 def encoders(encoding: str, num_classes: int, ignore_label: int, tau: float):
@@ -81,7 +82,8 @@ def fooling_loss(adversary_params, apply_fn, batch, fake_input):
 
 def _adversary_update(state, batch, rng, real, fake, axis_name):
     """One adversary step against the segmenter's current prediction, held fixed."""
-    logits, _ = _segment(state, state.params, batch, rng)  # its BatchNorm updates are dropped
+    # The segmenter's BatchNorm updates are dropped.
+    logits, _ = _segment(state, state.params, batch, rng, axis_name=axis_name)
     probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
     adversary = state.adversary
     (loss, (real_logits, fake_logits)), grads = jax.value_and_grad(adversary_loss, has_aux=True)(

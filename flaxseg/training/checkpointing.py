@@ -75,14 +75,27 @@ def save(
     )
 
 
-def restore(manager, step: int, abstract_state: Optional[Any] = None) -> dict:
-    """Restores {'state', 'data', 'meta'}; without `abstract_state` the arrays come back as
-    saved."""
-    state_args = (
-        ocp.args.StandardRestore(abstract_state)
-        if abstract_state is not None
-        else ocp.args.StandardRestore()
+def _stored_abstract_state(manager, step: int) -> Any:
+    """The stored state's shapes and dtypes, replicated over this run's devices: a checkpoint
+    saved on other devices (more hosts, another device count) restores here all the same."""
+    from flaxseg.training.sharding import create_mesh, replicated
+
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        Path(manager.directory) / str(step) / "state"
     )
+    sharding = replicated(create_mesh())
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        getattr(metadata, "tree", metadata),
+    )
+
+
+def restore(manager, step: int, abstract_state: Optional[Any] = None) -> dict:
+    """Restores {'state', 'data', 'meta'}; without `abstract_state` the arrays come back with
+    their stored shapes and dtypes, replicated over this run's devices."""
+    if abstract_state is None:
+        abstract_state = _stored_abstract_state(manager, step)
+    state_args = ocp.args.StandardRestore(abstract_state)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(

@@ -40,3 +40,31 @@ def create_eval_iterator(config, split: str = "validation"):
         std=IMAGENET_STD,
         ignore_label=config.ignore_label,
     )
+
+
+def iterator_state(iterator) -> dict:
+    """What a checkpoint keeps of the training iterator: grain's state of this host's share and
+    the process count it was taken with (a resume on another count converts it)."""
+    return {"iterator": iterator.get_state(), "process_count": jax.process_count()}
+
+
+def restore_iterator(iterator, saved: dict) -> None:
+    """Moves a fresh training iterator to the position `saved` (`iterator_state`) records.
+
+    Host k of n reads positions k, k + n, … of one global stream, so after t steps every host
+    has read t·B/n examples (B the global batch); with n' processes now, each continues at
+    t·B/n'. States saved before the process count was recorded are grain's state alone.
+    """
+    if "process_count" not in saved:  # an older checkpoint: grain's state, same process count
+        iterator.set_state(saved)
+        return
+    state, count, now = saved["iterator"], saved["process_count"], jax.process_count()
+    if count != now:
+        if set(state) != {"next_index"}:
+            raise ValueError(
+                f"The checkpoint's input position was saved by {count} processes with grain "
+                f"workers and cannot be moved to {now} processes; resume with {count} processes "
+                "(or train with --config.worker_count=0)."
+            )
+        state = {"next_index": state["next_index"] * count // now}
+    iterator.set_state(state)

@@ -27,11 +27,12 @@ from flaxseg.training import (
     optim,
     preemption,
     reporting,
+    sharding,
     steps,
 )
 from flaxseg.training import spec as spec_lib
 from flaxseg.training import state as state_lib
-from flaxseg.training.sharding import create_mesh, replicated, shard_batch
+from flaxseg.training.sharding import PMAP_AXIS, create_mesh, replicated, shard_batch
 
 # XLA's CPU pipeline drops jax.checkpoint's optimisation barriers early (its
 # cse_barrier_expander pass) and CSE then merges the recomputation back into the saved
@@ -39,7 +40,16 @@ from flaxseg.training.sharding import create_mesh, replicated, shard_batch
 CPU_REMAT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
-def _jit_step(step, mesh, compiler_options=None):
+def _jit_step(step, mesh, compiler_options=None, parallel: str = "jit"):
+    """The step jitted over the mesh, or with --parallel=pmap mapped over the local devices
+    (state and batch with a leading device axis, the key shared)."""
+    if parallel == "pmap":
+        return jax.pmap(
+            functools.partial(step, axis_name=PMAP_AXIS),
+            axis_name=PMAP_AXIS,
+            in_axes=(0, 0, None),
+            donate_argnums=0,
+        )
     return jax.jit(
         step,
         out_shardings=(replicated(mesh), replicated(mesh)),
@@ -56,8 +66,8 @@ def remat_compiler_options(config):
 
 
 def jit_train_step(config, mesh):
-    """The configured train step, jitted over the mesh: the plain one, or with --adversarial the
-    adversary's updates followed by the segmenter's."""
+    """The configured train step, jitted over the mesh (or pmapped, --parallel=pmap): the plain
+    one, or with --adversarial the adversary's updates followed by the segmenter's."""
     common = dict(
         loss_fn=spec_lib.create_loss(config),
         ignore_label=config.ignore_label,
@@ -65,8 +75,10 @@ def jit_train_step(config, mesh):
         skip_nonfinite=config.skip_nonfinite,
     )
     options = remat_compiler_options(config)
+    parallel = config.get("parallel", "jit")
     if not config.adversarial:
-        return _jit_step(functools.partial(steps.train_step, **common), mesh, options)
+        step = functools.partial(steps.train_step, **common, grad_accum=config.get("grad_accum", 1))
+        return _jit_step(step, mesh, options, parallel)
     return _jit_step(
         functools.partial(
             adversarial.train_step,
@@ -79,6 +91,7 @@ def jit_train_step(config, mesh):
         ),
         mesh,
         options,
+        parallel,
     )
 
 
@@ -93,6 +106,7 @@ def jit_pretrain_step(config, mesh):
             tau=config.adv_tau,
         ),
         mesh,
+        parallel=config.get("parallel", "jit"),
     )
 
 
@@ -272,7 +286,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
         for step in damaged:  # newer than the restored one: move them out of the saves' way
             reporting.say(f"Moved it to {checkpointing.set_aside(workdir, step)}.")
         state = state_lib.state_from_checkpoint(state, restored["state"])
-        train_iterator.set_state(restored["data"])
+        inputs.restore_iterator(train_iterator, restored["data"])
         reporting.say(f"Resumed from {checkpointing.checkpoint_dir(workdir)} at step {latest}.")
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
 
@@ -282,9 +296,14 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     pretrain_fn = jit_pretrain_step(config, mesh) if pretrain_steps else None
     eval_fn = evaluation.jit_eval_step(config.num_classes, config.ignore_label, mesh)
 
+    replicas = config.get("parallel", "jit") == "pmap"
+
+    def mesh_state(state):  # what checkpoints and the jitted evaluation take
+        return sharding.from_replicas(state, mesh) if replicas else state
+
     def validate(state):
         confusion = evaluation.evaluate(
-            state,
+            mesh_state(state),
             inputs.create_eval_iterator(config),
             eval_fn,
             mesh,
@@ -298,6 +317,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     meta = {"model_spec": spec, "config": config.to_dict()}
 
     start = int(jax.device_get(state.step))
+    if replicas:
+        state = sharding.to_replicas(state)
     summary, confusion, history = {}, None, []
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     progress = reporting.progress_bar(config.steps, start, config.progress_bar)
@@ -307,8 +328,13 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     with preemption.stop_on_signals() as stop:
         for step in range(start + 1, last_step + 1):
             step_fn = pretrain_fn if step <= pretrain_steps else train_fn
-            batch = shard_batch(next(train_iterator), mesh)
-            state, train_metrics = step_fn(state, batch, dropout_rng)
+            if replicas:
+                batch = sharding.split_for_replicas(next(train_iterator))
+                state, train_metrics = step_fn(state, batch, dropout_rng)
+                train_metrics = jax.tree.map(lambda x: x[0], train_metrics)
+            else:
+                batch = shard_batch(next(train_iterator), mesh)
+                state, train_metrics = step_fn(state, batch, dropout_rng)
             preemption.test_kill_point("mid_step", step)
             if "nonfinite" in train_metrics and not config.skip_nonfinite:
                 unchecked.append((step, train_metrics["nonfinite"]))
@@ -359,8 +385,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
             if step % config.checkpoint_every == 0 or step == last_step or stop.requested:
                 save(
                     step,
-                    state=state_lib.state_to_checkpoint(state),
-                    data_state=train_iterator.get_state(),
+                    state=state_lib.state_to_checkpoint(mesh_state(state)),
+                    data_state=inputs.iterator_state(train_iterator),
                     metrics={"miou": summary["miou"]} if evaluated and summary else None,
                 )
                 saved_at = step
@@ -381,7 +407,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
         return {"step": saved_at, "preempted": True, "report": message, "history": history}
     if confusion is None:  # the run had already reached config.steps: report the saved model
         confusion, summary = validate(state)
-    summary["step"] = int(jax.device_get(state.step))
+    summary["step"] = int(np.ravel(jax.device_get(state.step))[0])  # pmap: one per replica
     summary["report"] = evaluation.format_report(
         confusion, spec_lib.class_names(config.dataset, config.num_classes)
     )

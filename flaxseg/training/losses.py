@@ -19,6 +19,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +92,43 @@ def cross_entropy(
     `F.cross_entropy(weight=w, ignore_index=..., label_smoothing=ε, reduction='mean')`
     (for ε = 0: Σ w[y]·ce / Σ w[y]). Returns 0 when no pixel is valid (PyTorch gives NaN).
     """
+    return _safe_divide(
+        cross_entropy_sum(
+            logits,
+            labels,
+            ignore_label=ignore_label,
+            class_weights=class_weights,
+            label_smoothing=label_smoothing,
+        ),
+        cross_entropy_count(labels, ignore_label=ignore_label, class_weights=class_weights),
+    )
+
+
+def cross_entropy_sum(
+    logits,
+    labels,
+    *,
+    ignore_label: int = IGNORE_LABEL,
+    class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+):
+    """The numerator of `cross_entropy`: its weighted sum over the valid pixels."""
     logits, valid, safe_labels, weights = _prepare(logits, labels, ignore_label, class_weights)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    numerator, denominator = _weighted_pixel_cross_entropy(
-        log_probs, safe_labels, weights, label_smoothing
-    )
-    return _safe_divide(jnp.sum(numerator * valid), jnp.sum(denominator * valid))
+    numerator, _ = _weighted_pixel_cross_entropy(log_probs, safe_labels, weights, label_smoothing)
+    return jnp.sum(numerator * valid)
+
+
+def cross_entropy_count(
+    labels, *, ignore_label: int = IGNORE_LABEL, class_weights: Sequence[float] | None = None
+):
+    """The denominator of `cross_entropy`: Σ w[y] over the valid pixels (their number when
+    unweighted). It depends on the labels only."""
+    valid = labels != ignore_label
+    if class_weights is None:
+        return jnp.sum(valid).astype(jnp.result_type(float))
+    weights = jnp.asarray(class_weights, jnp.result_type(float))
+    return jnp.sum(weights[jnp.where(valid, labels, 0)] * valid)
 
 
 def ohem_cross_entropy(
@@ -241,15 +273,36 @@ def focal(
     ignore_index=ignore_label, class_weights=class_weights)` (alpha None, normalized False,
     reduction 'mean').
     """
+    return _safe_divide(
+        focal_sum(
+            logits, labels, ignore_label=ignore_label, class_weights=class_weights, gamma=gamma
+        ),
+        focal_count(labels, ignore_label=ignore_label),
+    )
+
+
+def focal_sum(
+    logits,
+    labels,
+    *,
+    ignore_label: int = IGNORE_LABEL,
+    class_weights: Sequence[float] | None = None,
+    gamma: float = 2.0,
+):
+    """The numerator of `focal`: Σ_c w[c]·Σ_i fl_{i,c} / Σ_c w[c] over the valid pixels i."""
     logits, valid, safe_labels, weights = _prepare(logits, labels, ignore_label, class_weights)
     num_classes = logits.shape[-1]
     target = jax.nn.one_hot(safe_labels, num_classes, dtype=logits.dtype)
     bce = optax.sigmoid_binary_cross_entropy(logits, target)
     one_minus_pt = -jnp.expm1(-bce)
     per_pixel = one_minus_pt**gamma * bce
-    num_valid = jnp.sum(valid)
-    per_class = _safe_divide(jnp.sum(per_pixel * valid[:, None], axis=0), num_valid)
+    per_class = jnp.sum(per_pixel * valid[:, None], axis=0)
     return _safe_divide(jnp.sum(weights * per_class), jnp.sum(weights))
+
+
+def focal_count(labels, *, ignore_label: int = IGNORE_LABEL):
+    """The denominator of `focal`: the number of valid pixels."""
+    return jnp.sum(labels != ignore_label).astype(jnp.result_type(float))
 
 
 LOSSES: dict[str, Callable] = {
@@ -258,6 +311,16 @@ LOSSES: dict[str, Callable] = {
     "focal": focal,
     "lovasz": lovasz,
     "ohem_cross_entropy": ohem_cross_entropy,
+}
+
+
+# Losses that are a ratio sum / count of pixel sums: (numerator, denominator). Data-parallel and
+# accumulated steps add both up over devices and micro-batches, so they equal the loss of the
+# whole global batch exactly; the others are computed per device on the gathered batch and per
+# micro-batch.
+PIXEL_SUMS: dict[str, tuple[Callable, Callable]] = {
+    "cross_entropy": (cross_entropy_sum, cross_entropy_count),
+    "focal": (focal_sum, focal_count),
 }
 
 
@@ -384,4 +447,42 @@ def build_loss(
         total = sum(weight * terms[name] for weight, name, _, _ in bound)
         return total, terms
 
+    loss_fn.pixel_sums = None
+    if all(name in PIXEL_SUMS for _, name, _, _ in bound):
+
+        def _kwargs(fn, kwargs):
+            return {k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters}
+
+        def numerators(logits, labels):
+            return {
+                name: PIXEL_SUMS[name][0](logits, labels, **kwargs) for _, name, _, kwargs in bound
+            }
+
+        def denominators(labels):
+            return {
+                name: PIXEL_SUMS[name][1](labels, **_kwargs(PIXEL_SUMS[name][1], kwargs))
+                for _, name, _, kwargs in bound
+            }
+
+        loss_fn.pixel_sums = PixelSumLoss(
+            {name: weight for weight, name, _, _ in bound}, numerators, denominators
+        )
     return loss_fn
+
+
+class PixelSumLoss(NamedTuple):
+    """A loss expression whose every term is sum / count over pixels (`PIXEL_SUMS`): the form a
+    step uses to normalise by the count of a whole global batch that it sees in parts (devices
+    under pmap, micro-batches under gradient accumulation).
+
+    term = numerators(logits, labels)[name] / denominators(labels)[name], each summed over all
+    parts first; total = Σ weights[name]·term (`combine`)."""
+
+    weights: dict
+    numerators: Callable
+    denominators: Callable
+
+    def combine(self, numerators: dict, denominators: dict):
+        """(total, terms) from the summed numerators and denominators."""
+        terms = {name: _safe_divide(numerators[name], denominators[name]) for name in numerators}
+        return sum(self.weights[name] * terms[name] for name in terms), terms

@@ -26,7 +26,7 @@ from flaxseg import data as data_lib
 from flaxseg import models
 from flaxseg.configs import models as model_configs
 from flaxseg.models import adversarial as adversarial_models
-from flaxseg.training import losses, optim
+from flaxseg.training import losses, optim, sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Constructor arguments that change only how a model computes, not which arrays it has.
@@ -76,6 +76,24 @@ def validate_config(config) -> None:
         raise ValueError(
             f"--config.eval_batch_size={config.eval_batch_size} is not divisible by the "
             f"{devices} devices; use a multiple of {devices}."
+        )
+    parallel = config.get("parallel", "jit")
+    if parallel not in sharding.PARALLEL:
+        raise ValueError(f"--parallel={parallel!r} is not one of {', '.join(sharding.PARALLEL)}.")
+    grad_accum = config.get("grad_accum", 1)
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"--config.grad_accum must be a positive integer, got {grad_accum!r}.")
+    per_device = config.batch_size // devices
+    if per_device % grad_accum:
+        raise ValueError(
+            f"--config.grad_accum={grad_accum} does not divide the per-device batch of "
+            f"{per_device} (--batch_size={config.batch_size} over {devices} "
+            f"device{'s' if devices > 1 else ''}); use a divisor of it."
+        )
+    if grad_accum > 1 and config.adversarial:
+        raise ValueError(
+            "--config.grad_accum > 1 does not combine with --adversarial (the adversary trains "
+            "on the whole batch); use --config.grad_accum=1."
         )
     if config.dtype not in DTYPES:
         raise ValueError(f"--config.dtype={config.dtype!r} is not one of {', '.join(DTYPES)}.")

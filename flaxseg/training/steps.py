@@ -4,12 +4,17 @@ No host I/O, no Python side effects, static shapes, so each jits once. The same 
     * under `jax.jit` on a device mesh with the batch sharded along 'data' (the main path): the
       loss is a mean over the global batch, so gradients and BatchNorm batch statistics are
       global by construction;
-    * under `jax.pmap(..., axis_name=...)`, given `axis_name`: gradients, BatchNorm running
-      statistics and metrics are averaged (the confusion matrix summed) over that axis.
+    * under `jax.pmap(..., axis_name=...)`, given `axis_name`: the loss is that of the global
+      batch (pixel sums and counts added over the axis; other losses computed on the gathered
+      logits), gradients are summed over the axis and BatchNorm computes its batch statistics
+      over it (SyncBN), so the update equals the mesh path's; the confusion matrix is summed.
+`grad_accum=N` splits each device's batch into N micro-batches, one forward and backward pass
+each, whose gradients add up to those of the whole batch (`train_step`).
 Configuration (the loss function, ignore label, auxiliary-loss weight, class count) is bound with
 functools.partial before jitting; nothing is read from a global.
 """
 
+import contextlib
 from collections.abc import Callable
 from typing import Optional
 
@@ -17,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg import metrics as metrics_lib
-from flaxseg.models.layers import AUX_COLLECTION
+from flaxseg.models.layers import AUX_COLLECTION, synchronized_batch_norm
 
 
 def model_variables(params, batch_stats):
@@ -37,6 +42,64 @@ def step_rng(rng, step, axis_name: Optional[str] = None):
     return rng
 
 
+def batch_norm_context(axis_name: Optional[str]):
+    """SyncBN over `axis_name` under pmap (`layers.synchronized_batch_norm`); else nothing."""
+    if axis_name is None:
+        return contextlib.nullcontext()
+    return synchronized_batch_norm(axis_name)
+
+
+def split_micro_batches(batch: dict, grad_accum: int) -> dict:
+    """[B, ...] → [grad_accum, B / grad_accum, ...]; micro-batch m holds rows m, m + N, …, so
+    that on a mesh every device keeps an equal share of every micro-batch."""
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+        batch,
+    )
+
+
+class _LossShares:
+    """Each part's (device's, micro-batch's) share of the loss of the whole global batch.
+
+    A share's value is such that the shares of all parts add up to the global loss, and its
+    gradient is this part's contribution to the global loss's gradient; so summing the parts'
+    gradients (over micro-batches, then psum over devices) gives the global batch's gradient.
+    Pixel-sum losses (`losses.PIXEL_SUMS`) divide this part's sums by the counts of the whole
+    batch (exact). Other losses (Dice, Lovász, OHEM) are computed under pmap on the logits
+    gathered over the axis (exact), and per micro-batch, averaged (not the whole batch's).
+    """
+
+    def __init__(self, loss_fn, labels, axis_name, parts):
+        self.loss_fn, self.axis_name, self.parts = loss_fn, axis_name, parts
+        self.devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+        self.sums = getattr(loss_fn, "pixel_sums", None)
+        self.denominators = None
+        if self.sums is not None and (parts > 1 or axis_name is not None):
+            self.denominators = self.sums.denominators(labels)
+            if axis_name is not None:
+                self.denominators = jax.lax.psum(self.denominators, axis_name)
+
+    def __call__(self, logits, labels):
+        if self.denominators is not None:
+            return self.sums.combine(self.sums.numerators(logits, labels), self.denominators)
+        if self.axis_name is None:
+            total, terms = self.loss_fn(logits, labels)
+            return jax.tree.map(lambda v: v / self.parts, (total, terms))
+        gathered = jax.lax.all_gather(jax.lax.stop_gradient(logits), self.axis_name, tiled=True)
+        start = jax.lax.axis_index(self.axis_name) * logits.shape[0]
+        gathered = jax.lax.dynamic_update_slice_in_dim(gathered, logits, start, axis=0)
+        labels = jax.lax.all_gather(labels, self.axis_name, tiled=True)
+        scale = 1.0 - 1.0 / (self.devices * self.parts)
+        # value: 1/(devices·parts) of the loss; gradient: this device's rows' contribution.
+        return jax.tree.map(
+            lambda v: v - jax.lax.stop_gradient(v) * scale, self.loss_fn(gathered, labels)
+        )
+
+    def mean(self, value):
+        """The share of a per-part mean over equal-sized parts (the adversarial term)."""
+        return value / (self.devices * self.parts)
+
+
 def train_step(
     state,
     batch,
@@ -48,6 +111,7 @@ def train_step(
     extra_loss: Optional[tuple[float, Callable, str]] = None,
     skip_nonfinite: bool = False,
     axis_name: Optional[str] = None,
+    grad_accum: int = 1,
 ):
     """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
 
@@ -59,48 +123,77 @@ def train_step(
     `extra_loss = (weight, fn, name)` adds weight × fn(logits) to the total and reports the
     unweighted fn(logits) as metric `name` (the adversarial term, flaxseg.training.adversarial).
     `rng` is the run's base dropout key (see `step_rng`).
+    `grad_accum = N` (dividing the batch) runs N micro-batches of B/N rows one after another and
+    adds their gradients: for pixel-sum losses (cross-entropy, focal) the loss, its gradient and
+    the metrics equal the whole batch's, in 1/N of the activation memory; BatchNorm normalises
+    each micro-batch with its own statistics and its running statistics move by their mean.
     Metric 'nonfinite' is 1 when the loss or a gradient is not finite. With `skip_nonfinite`
     such an update is dropped (parameters, BatchNorm statistics and optimiser state keep their
     values; the step count advances); without it the loop stops the run.
     """
     dropout_rng = step_rng(rng, state.step, axis_name)
+    shares = _LossShares(loss_fn, batch["label"], axis_name, grad_accum)
 
-    def objective(params):
-        logits, updates = state.apply_fn(
-            model_variables(params, state.batch_stats),
-            batch["image"],
-            train=True,
-            mutable=["batch_stats", AUX_COLLECTION],
-            rngs={"dropout": dropout_rng},
-        )
-        main_loss, terms = loss_fn(logits, batch["label"])
+    def objective(params, part, part_rng):
+        with batch_norm_context(axis_name):
+            logits, updates = state.apply_fn(
+                model_variables(params, state.batch_stats),
+                part["image"],
+                train=True,
+                mutable=["batch_stats", AUX_COLLECTION],
+                rngs={"dropout": part_rng},
+            )
+        main_loss, terms = shares(logits, part["label"])
         aux_losses = [
-            loss_fn(aux, batch["label"])[0]
+            shares(aux, part["label"])[0]
             for aux in jax.tree.leaves(updates.get(AUX_COLLECTION, {}))
         ]
         aux_loss = sum(aux_losses) if aux_losses else jnp.zeros((), jnp.float32)
         total = main_loss + aux_loss_weight * aux_loss
         if extra_loss is not None:
             weight, extra_fn, name = extra_loss
-            terms = {**terms, name: extra_fn(logits)}
+            terms = {**terms, name: shares.mean(extra_fn(logits))}
             total = total + weight * terms[name]
-        return total, (updates.get("batch_stats", state.batch_stats), logits, terms, aux_loss)
+        valid = part["label"] != ignore_label
+        correct = jnp.sum((jnp.argmax(logits, -1) == part["label"]) & valid)
+        sums = {
+            "loss": total,
+            **terms,
+            "aux_loss": aux_loss,
+            "correct": correct,
+            "valid": valid.sum(),
+        }
+        return total, (updates.get("batch_stats", state.batch_stats), sums)
 
-    (total, (batch_stats, logits, terms, aux_loss)), grads = jax.value_and_grad(
-        objective, has_aux=True
-    )(state.params)
-    valid = batch["label"] != ignore_label
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & valid)
-    metrics = {
-        "loss": total,
-        **terms,
-        "aux_loss": aux_loss,
-        "pixel_accuracy": correct / jnp.maximum(valid.sum(), 1),
-    }
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-        batch_stats = jax.lax.pmean(batch_stats, axis_name)
-        metrics = jax.lax.pmean(metrics, axis_name)
+    gradient = jax.value_and_grad(objective, has_aux=True)
+    if grad_accum == 1:
+        (_, (batch_stats, sums)), grads = gradient(state.params, batch, dropout_rng)
+    else:
+
+        def accumulate(carry, inputs):
+            part, index = inputs
+            (_, (part_stats, part_sums)), part_grads = gradient(
+                state.params, part, jax.random.fold_in(dropout_rng, index)
+            )
+            return jax.tree.map(jnp.add, carry, (part_grads, part_stats, part_sums)), None
+
+        shapes = jax.eval_shape(
+            lambda: gradient(state.params, jax.tree.map(lambda x: x[:1], batch), dropout_rng)
+        )
+        (_, (stats_shape, sums_shape)), grads_shape = shapes
+        zeros = jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, stats_shape, sums_shape)
+        )
+        (grads, batch_stats, sums), _ = jax.lax.scan(
+            accumulate,
+            zeros,
+            (split_micro_batches(batch, grad_accum), jnp.arange(grad_accum)),
+        )
+        batch_stats = jax.tree.map(lambda x: x / grad_accum, batch_stats)
+    if axis_name is not None:  # BatchNorm statistics are already global (SyncBN)
+        grads, sums = jax.lax.psum((grads, sums), axis_name)
+    correct, valid = sums.pop("correct"), sums.pop("valid")
+    metrics = {**sums, "pixel_accuracy": correct / jnp.maximum(valid, 1)}
     finite = jnp.isfinite(metrics["loss"]) & jnp.all(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
