@@ -228,9 +228,9 @@ def test_unreachable_coordinator_fails_in_time_with_one_sentence(tmp_path):
         "--coordinator_address and --num_processes, or raise --distributed_timeout."
     )
     assert err_busy.strip().splitlines()[-1] == (
-        f"train.py: error: Process 0 could not start the coordinator at {busy} (UNKNOWN: Failed "
-        f"to start RPC server); is port {busy.split(':')[1]} free on this machine? Choose "
-        "another in --coordinator_address."
+        f"train.py: error: Process 0 could not start the coordinator at {busy} (the port is in "
+        f"use); is port {busy.split(':')[1]} free on this machine? Choose another in "
+        "--coordinator_address."
     )
     assert not (tmp_path / "wd").exists()
 

@@ -16,6 +16,7 @@ ends with one sentence on stderr and exit code 2 instead, and a coordinator that
 connections at all is reported (``TimeoutError``) before JAX is asked to connect.
 """
 
+import errno
 import math
 import os
 import socket
@@ -175,6 +176,12 @@ def initialize(
             _wait_for_coordinator(
                 *address, deadline, timeout_s, coordinator_address, process_id, num_processes
             )
+        elif not _port_is_free(address[1]):  # jaxlib sometimes crashes (SIGSEGV) on a busy port
+            raise ConnectionError(
+                f"Process 0 could not start the coordinator at {coordinator_address} (the port "
+                f"is in use); is port {address[1]} free on this machine? Choose another in "
+                "--coordinator_address."
+            )
     if address is None:
         message = f"Not every host of this Cloud TPU slice joined within {timeout_s:g} s; {hint}."
     elif process_id != 0:
@@ -212,6 +219,20 @@ def initialize(
         ) from None
     finally:
         watchdog.cancel()
+    return True
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether this machine can listen on `port` (on every interface, as the coordinator does)."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((host, port))
+            return True
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return False
+            continue  # no IPv6 here: try IPv4
     return True
 
 
