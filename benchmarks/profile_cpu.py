@@ -11,11 +11,12 @@ reduction fusions (BatchNorm statistics and their gradients, loss sums), element
 (BN normalisation, ReLU, residual adds, SGD update), layout copies and transposes, dot (the
 bilinear resizes are matmuls), max pooling — and to a region of the network (from the op's
 module path: backbone, ASPP, head, resize, loss, optimiser). PyTorch: the same step under
-``torch.profiler`` (self CPU time per aten op, mapped onto the same kinds).
+``torch.profiler`` (self CPU time per aten op, mapped onto similar kinds) in a process of its own
+(PyTorch's OpenMP threads and XLA's thread pool slow each other down in one process).
 
 ``--noconv_by_taps`` profiles with ``layers.CONV_BY_TAPS`` off (every convolution an XLA
-convolution, as before that rewrite); ``--ab`` instead times torch and flaxseg with the switch off
-and on, interleaved, in one process.
+convolution, as before that rewrite); ``--ab`` instead times flaxseg with the switch off and on,
+interleaved, in one process.
 
 The two columns are sums of op times per step. XLA may run independent ops concurrently and
 PyTorch's times include its dispatcher, so each column's total is close to, not exactly, the
@@ -48,13 +49,14 @@ flags.DEFINE_integer("threads", 2, "torch.set_num_threads (0: torch's default)."
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Profile the train step or inference.")
 flags.DEFINE_integer("top", 25, "How many of flaxseg's most expensive ops to list.")
 flags.DEFINE_string("dump_hlo", "", "Write the optimised HLO of the step to this file.")
+flags.DEFINE_bool("torch_child", False, "Internal: profile torch alone in this process.")
 flags.DEFINE_bool(
     "conv_by_taps", True, "False: profile with layers.CONV_BY_TAPS off (plain XLA convolutions)."
 )
 flags.DEFINE_bool(
     "ab",
     False,
-    "Instead of profiling: time torch, flaxseg with layers.CONV_BY_TAPS off and on, "
+    "Instead of profiling: time flaxseg with layers.CONV_BY_TAPS off and on, "
     "interleaved, --steps rounds (train and eval).",
 )
 
@@ -228,7 +230,7 @@ def torch_profile(fn, steps: int):
 
 
 def ab_timing(setup) -> None:
-    """Interleaved medians: torch, flaxseg without and with ``layers.CONV_BY_TAPS``."""
+    """Interleaved medians of flaxseg without and with ``layers.CONV_BY_TAPS``."""
     import statistics
 
     import torch
@@ -243,16 +245,14 @@ def ab_timing(setup) -> None:
         fns.evaluate()
         variants[enabled] = fns
     layers.CONV_BY_TAPS = True
+    # No torch rows: torch in a process with XLA's threads is not a fair measurement (see
+    # torch_compare); vs_pytorch.py compares the frameworks.
     calls = {
-        "torch train": setup.torch.train,
         "flaxseg train, lax.conv": variants[False].train,
         "flaxseg train, conv_by_taps": variants[True].train,
-        "torch eval": setup.torch.evaluate,
         "flaxseg eval, lax.conv": variants[False].evaluate,
         "flaxseg eval, conv_by_taps": variants[True].evaluate,
     }
-    setup.torch.train()
-    setup.torch.evaluate()
     times = {name: [] for name in calls}
     for _ in range(FLAGS.steps):
         for name, fn in calls.items():
@@ -273,12 +273,43 @@ def ab_timing(setup) -> None:
         )
 
 
+def torch_profile_in_subprocess():
+    """torch_profile of the torch step alone in a fresh process: PyTorch's OpenMP threads and
+    XLA's thread pool slow each other down when they share one (see torch_compare)."""
+    import json
+    import subprocess
+
+    command = [
+        sys.executable,
+        __file__,
+        "--torch_child",
+        f"--arch={FLAGS.arch}",
+        f"--size={FLAGS.size}",
+        f"--batch_size={FLAGS.batch_size}",
+        f"--steps={FLAGS.steps}",
+        f"--threads={FLAGS.threads}",
+        f"--mode={FLAGS.mode}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return collections.Counter(data["totals"]), data["wall"]
+
+
 def main(argv):
     del argv
     import torch
 
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
+    if FLAGS.torch_child:
+        import json
+
+        train, evaluate = torch_compare.build_torch_steps(
+            f"tv:{FLAGS.arch}", FLAGS.batch_size, FLAGS.size
+        )
+        totals, wall = torch_profile(train if FLAGS.mode == "train" else evaluate, FLAGS.steps)
+        print(json.dumps({"totals": totals, "wall": wall}))
+        return
     setup = torch_compare.torchvision_pair(FLAGS.arch, FLAGS.batch_size, FLAGS.size)
     if FLAGS.ab:
         ab_timing(setup)
@@ -300,10 +331,10 @@ def main(argv):
         Path(FLAGS.dump_hlo).write_text(compiled_text)
     table = parse_hlo(compiled_text)
     jax_fn = setup.jax.train if train else setup.jax.evaluate
-    torch_fn = setup.torch.train if train else setup.torch.evaluate
+    del setup
 
+    torch_totals, torch_wall = torch_profile_in_subprocess()
     jax_totals, jax_wall = flaxseg_profile(jax_fn, FLAGS.steps)
-    torch_totals, torch_wall = torch_profile(torch_fn, FLAGS.steps)
     steps = FLAGS.steps
 
     by_kind, by_region, library_ns = collections.Counter(), collections.Counter(), 0

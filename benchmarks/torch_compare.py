@@ -212,3 +212,90 @@ def print_table(title: str, rows, batch_size: int) -> None:
     print(f"|{'-' * 42}|{'-' * 13}|{'-' * 12}|")
     for name, train_s, eval_s in rows:
         print(f"| {name:<40} | {batch_size / train_s:>11.2f} | {batch_size / eval_s:>10.2f} |")
+
+
+# ----------------------------------------------------------------------------- one process each
+# PyTorch's OpenMP threads and XLA's thread pool slow each other down badly when they share a
+# process on a 2-core machine (measured: torchvision DeepLab v3-R50's train step 1.7 s alone,
+# 11 s interleaved with flaxseg calls in one process). So each framework runs in its own worker
+# process, and the parent alternates their calls: interleaved (load hits both alike) without
+# sharing threads.
+
+
+def parse_spec(spec: str) -> tuple[str, ...]:
+    """``'tv:<arch>'`` -> ('tv', arch); ``'smp:<Arch>:<encoder>'`` -> ('smp', Arch, encoder)."""
+    kind, *rest = spec.split(":")
+    if (kind == "tv" and len(rest) == 1 and rest[0] in TORCHVISION_ARCHS) or (
+        kind == "smp" and len(rest) == 2
+    ):
+        return (kind, *rest)
+    raise ValueError(
+        f"Model {spec!r} is not tv:<{'|'.join(TORCHVISION_ARCHS)}> or smp:<Arch>:<encoder>."
+    )
+
+
+def build_pair(spec: str, batch_size: int, size: int) -> Pair:
+    """``torchvision_pair`` or ``smp_pair`` for a model spec (``parse_spec``)."""
+    kind, *rest = parse_spec(spec)
+    if kind == "tv":
+        return torchvision_pair(rest[0], batch_size, size)
+    return smp_pair(rest[0], rest[1], batch_size, size)
+
+
+def build_torch_steps(spec: str, batch_size: int, size: int):
+    """(train, evaluate) of the torch model only (no flaxseg state in the process)."""
+    import torch
+
+    kind, *rest = parse_spec(spec)
+    torchvision = import_torchvision()
+    torch.manual_seed(0)
+    images, labels = random_batch(batch_size, size, size, 21)
+    if kind == "tv":
+        builder = getattr(torchvision.models.segmentation, rest[0])
+        module = builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+        return torch_steps(module, images, labels, 0.5)
+    import segmentation_models_pytorch as smp
+
+    module = getattr(smp, rest[0])(rest[1], encoder_weights=None, classes=21)
+    return torch_steps(module, images, labels)
+
+
+def serve_steps(train: Callable[[], None], evaluate: Callable[[], None]) -> None:
+    """Worker loop: warm both calls up, print 'ready', then per stdin line 'train' / 'eval'
+    print the call's seconds; 'quit' ends."""
+    calls = {"train": train, "eval": evaluate}
+    for fn in calls.values():
+        fn()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "quit":
+            return
+        start = time.perf_counter()
+        calls[command]()
+        print(f"{time.perf_counter() - start:.6f}", flush=True)
+
+
+class StepWorker:
+    """A worker process (``command`` runs ``serve_steps``) timing one framework's calls."""
+
+    def __init__(self, command: list[str], env: dict | None = None):
+        import subprocess
+
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        for line in self.process.stdout:
+            if line.strip() == "ready":
+                return
+        raise RuntimeError(f"Worker {' '.join(command)} exited before it was ready.")
+
+    def time(self, call: str) -> float:
+        self.process.stdin.write(call + "\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        self.process.wait()

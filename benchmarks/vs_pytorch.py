@@ -12,26 +12,32 @@ are multiples of 32: ``--smp_size``). Both frameworks: float32, the same batch, 
 weight decay 1e-4, cross-entropy ignoring 255 (``torch_compare``); torch with
 ``torch.set_num_threads(--threads)``, XLA with its default threads.
 
-Throughput: after one warm-up call each (JAX compiles there), ``--repeats`` rounds that time one
-call of torch train, flaxseg train, torch eval, flaxseg eval in turn (interleaved, so load from
-other processes hits both sides alike); the table gives the medians and flaxseg/torch ratios.
+Throughput: each framework runs in its own worker process (PyTorch's OpenMP threads and XLA's
+thread pool slow each other down badly when they share a process: torchvision DeepLab v3-R50's
+train step took 1.7 s alone and 11 s interleaved with flaxseg in one process). After one warm-up
+call each (JAX compiles there), ``--repeats`` rounds alternate one call of torch train, flaxseg
+train, torch eval, flaxseg eval, each timed inside its worker, so load from other processes hits
+both sides alike; the table gives medians, flaxseg/torch speed ratios and the largest spread
+(max − min) / median of any column.
 
 Compile and memory (``--compile_models``), each in its own subprocess:
   * flaxseg cold: a fresh temporary ``JAX_COMPILATION_CACHE_DIR``; the time from calling the
     jitted train step to its first result (compilation plus one step); warm: a second process
     with the same cache directory. The step's own time is printed beside them.
   * flaxseg memory: ``Compiled.memory_analysis()`` of the train step (argument + output + temp
-    bytes, minus aliased donated bytes: what XLA allocates for one step) and the process's RSS
-    high-water mark (``resource.getrusage``) over the mark after building the model and its
-    variables, in the warm process (a cold one's mark includes the compiler's memory).
-  * torch memory: the same RSS high-water delta over two train steps in a process that only
+    bytes, minus aliased donated bytes: what XLA allocates for one step), and the peak RSS of
+    the first train-step call over the RSS before it (Linux ``VmHWM`` after resetting it
+    through ``/proc/self/clear_refs``) in the warm process, where that call loads the
+    executable from the cache instead of compiling.
+  * torch memory: the same peak-RSS-over-RSS-before of two train steps, in a process that only
     built the torch model (eager PyTorch has no compile step; torch.compile is the GPU part of
-    the issue). RSS counts what the allocator keeps, so it is an upper bound on live tensors.
+    the issue). RSS counts what the allocators keep, an upper bound on live tensors; the
+    parameters, gradients of earlier steps and optimiser state already resident before the
+    measured step are not in the delta.
 """
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,7 +73,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_bool("skip_throughput", False, "Only measure compile time and memory.")
 flags.DEFINE_bool("skip_compile", False, "Only measure throughput.")
-flags.DEFINE_string("child", "", "Internal: 'jax' or 'torch' subprocess measurement.")
+flags.DEFINE_string("child", "", "Internal: the subprocess role (worker_torch, worker_jax, ...).")
 flags.DEFINE_string("child_model", "", "Internal: the model of a child measurement.")
 
 
@@ -75,72 +81,64 @@ def _size(spec: str) -> int:
     return FLAGS.smp_size if spec.startswith("smp:") else FLAGS.size
 
 
-def build_pair(spec: str):
-    """torch_compare.Pair for a model spec (see the module docstring)."""
-    import torch_compare
-
-    kind, *rest = spec.split(":")
-    if kind == "tv" and len(rest) == 1 and rest[0] in torch_compare.TORCHVISION_ARCHS:
-        return torch_compare.torchvision_pair(rest[0], FLAGS.batch_size, _size(spec))
-    if kind == "smp" and len(rest) == 2:
-        return torch_compare.smp_pair(rest[0], rest[1], FLAGS.batch_size, _size(spec))
-    raise ValueError(
-        f"--models entry {spec!r} is not tv:<{'|'.join(torch_compare.TORCHVISION_ARCHS)}> or "
-        "smp:<Arch>:<encoder>."
-    )
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key}.")
 
 
-def build_torch(spec: str):
-    """(torch module, train closure) without any flaxseg state (for the torch memory child)."""
-    import torch
-    import torch_compare
-
-    torchvision = torch_compare.import_torchvision()
-    torch.manual_seed(0)
-    kind, *rest = spec.split(":")
-    images, labels = torch_compare.random_batch(FLAGS.batch_size, _size(spec), _size(spec), 21)
-    if kind == "tv":
-        builder = getattr(torchvision.models.segmentation, rest[0])
-        module = builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
-        return torch_compare.torch_steps(module, images, labels, 0.5)[0]
-    import segmentation_models_pytorch as smp
-
-    module = getattr(smp, rest[0])(rest[1], encoder_weights=None, classes=21)
-    return torch_compare.torch_steps(module, images, labels)[0]
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
+    Path("/proc/self/clear_refs").write_text("5")
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _child_flags(spec: str) -> list[str]:
+    return [
+        f"--child_model={spec}",
+        f"--size={FLAGS.size}",
+        f"--smp_size={FLAGS.smp_size}",
+        f"--batch_size={FLAGS.batch_size}",
+        f"--threads={FLAGS.threads}",
+    ]
 
 
 def run_child() -> None:
-    """One measurement in this (fresh) process; prints one JSON line."""
+    """One measurement or worker in this (fresh) process."""
     import torch
+    import torch_compare
 
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
-    spec = FLAGS.child_model
-    if FLAGS.child == "torch":
-        train = build_torch(spec)
-        before = _max_rss_bytes()
+    spec, size = FLAGS.child_model, _size(FLAGS.child_model)
+    if FLAGS.child == "worker_torch":
+        torch_compare.serve_steps(*torch_compare.build_torch_steps(spec, FLAGS.batch_size, size))
+        return
+    if FLAGS.child == "worker_jax":
+        fns = torch_compare.build_pair(spec, FLAGS.batch_size, size).jax
+        torch_compare.serve_steps(fns.train, fns.evaluate)
+        return
+    if FLAGS.child == "memory_torch":
+        train, _ = torch_compare.build_torch_steps(spec, FLAGS.batch_size, size)
+        before = _status_mib("VmRSS")
+        _reset_peak_rss()
         for _ in range(2):
             train()
-        print(json.dumps({"rss_delta": _max_rss_bytes() - before}))
+        print(json.dumps({"rss_before": before, "rss_peak": _status_mib("VmHWM")}))
         return
     import jax
 
-    pair = build_pair(spec)
-    fns = pair.jax
-    del pair
+    fns = torch_compare.build_pair(spec, FLAGS.batch_size, size).jax
     jax.block_until_ready(fns.train_args())
-    before = _max_rss_bytes()
+    before = _status_mib("VmRSS")
+    _reset_peak_rss()
     start = time.perf_counter()
     fns.train()
     first = time.perf_counter() - start
+    peak = _status_mib("VmHWM")
     start = time.perf_counter()
     fns.train()
     step = time.perf_counter() - start
-    rss_delta = _max_rss_bytes() - before
     analysis = fns.train_jit.lower(*fns.train_args()).compile().memory_analysis()
     xla_bytes = (
         analysis.argument_size_in_bytes
@@ -153,7 +151,8 @@ def run_child() -> None:
             {
                 "first_call_s": first,
                 "step_s": step,
-                "rss_delta": rss_delta,
+                "rss_before": before,
+                "rss_peak": peak,
                 "xla_bytes": xla_bytes,
                 "temp_bytes": analysis.temp_size_in_bytes,
             }
@@ -167,16 +166,7 @@ def _child(kind: str, spec: str, cache_dir: str | None = None) -> dict:
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    command = [
-        sys.executable,
-        __file__,
-        f"--child={kind}",
-        f"--child_model={spec}",
-        f"--size={FLAGS.size}",
-        f"--smp_size={FLAGS.smp_size}",
-        f"--batch_size={FLAGS.batch_size}",
-        f"--threads={FLAGS.threads}",
-    ]
+    command = [sys.executable, __file__, f"--child={kind}", *_child_flags(spec)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
@@ -187,51 +177,47 @@ def _child(kind: str, spec: str, cache_dir: str | None = None) -> dict:
 def throughput(specs) -> None:
     import jax
     import torch
+    import torch_compare
 
     rows = []
     for spec in specs:
-        pair = build_pair(spec)
-        calls = {
-            "torch train": pair.torch.train,
-            "flaxseg train": pair.jax.train,
-            "torch eval": pair.torch.evaluate,
-            "flaxseg eval": pair.jax.evaluate,
+        torch_compare.parse_spec(spec)
+        workers = {
+            framework: torch_compare.StepWorker(
+                [sys.executable, __file__, f"--child=worker_{framework}", *_child_flags(spec)]
+            )
+            for framework in ("torch", "jax")
         }
-        for fn in calls.values():
-            fn()  # warm-up (JAX compiles here)
-        times = {name: [] for name in calls}
+        calls = [(f, c) for c in ("train", "eval") for f in ("torch", "jax")]
+        times = {call: [] for call in calls}
         for _ in range(FLAGS.repeats):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        median = {name: statistics.median(values) for name, values in times.items()}
-        spread = {
-            name: (max(values) - min(values)) / statistics.median(values)
-            for name, values in times.items()
-        }
-        rows.append((spec, pair.num_params, median, spread))
-        print(f"  {spec}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in median.items()))
-        del pair, calls
+            for framework, call in calls:
+                times[(framework, call)].append(workers[framework].time(call))
+        for worker in workers.values():
+            worker.close()
+        median = {call: statistics.median(values) for call, values in times.items()}
+        spread = max((max(v) - min(v)) / statistics.median(v) for v in times.values())
+        rows.append((spec, median, spread))
+        print(f"  {spec}: " + ", ".join(f"{f} {c} {median[(f, c)] * 1e3:.0f} ms" for f, c in calls))
     batch = FLAGS.batch_size
     print(
         f"\n# Throughput: batch {batch}, float32, {FLAGS.size}² (tv) / {FLAGS.smp_size}² (smp), "
         f"{jax.devices()[0].platform}, jax {jax.__version__}, torch {torch.__version__} "
-        f"(threads {torch.get_num_threads()}); medians of {FLAGS.repeats} interleaved rounds"
+        f"(threads {FLAGS.threads}); one worker process per framework, calls alternated, "
+        f"medians of {FLAGS.repeats} rounds"
     )
     print(
-        "| model | params | torch train img/s | flaxseg train img/s | train ratio | "
-        "torch eval img/s | flaxseg eval img/s | eval ratio | max spread |"
+        "| model | torch train img/s | flaxseg train img/s | train flaxseg/torch | "
+        "torch eval img/s | flaxseg eval img/s | eval flaxseg/torch | max spread |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for spec, params, median, spread in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for spec, median, spread in rows:
         print(
-            f"| {spec} | {params / 1e6:.1f} M | {batch / median['torch train']:.2f} | "
-            f"{batch / median['flaxseg train']:.2f} | "
-            f"{median['torch train'] / median['flaxseg train']:.2f}× | "
-            f"{batch / median['torch eval']:.2f} | {batch / median['flaxseg eval']:.2f} | "
-            f"{median['torch eval'] / median['flaxseg eval']:.2f}× | "
-            f"{max(spread.values()):.0%} |"
+            f"| {spec} | {batch / median[('torch', 'train')]:.2f} | "
+            f"{batch / median[('jax', 'train')]:.2f} | "
+            f"{median[('torch', 'train')] / median[('jax', 'train')]:.2f}× | "
+            f"{batch / median[('torch', 'eval')]:.2f} | {batch / median[('jax', 'eval')]:.2f} | "
+            f"{median[('torch', 'eval')] / median[('jax', 'eval')]:.2f}× | {spread:.0%} |"
         )
 
 
@@ -241,7 +227,7 @@ def compile_and_memory(specs) -> None:
         with tempfile.TemporaryDirectory(prefix="flaxseg_cache_") as cache_dir:
             cold = _child("jax", spec, cache_dir)
             warm = _child("jax", spec, cache_dir)
-        torch_memory = _child("torch", spec)
+        torch_memory = _child("memory_torch", spec)
         rows.append((spec, cold, warm, torch_memory))
         print(f"  {spec}: cold {cold}, warm {warm}, torch {torch_memory}")
     mib = 2.0**20
@@ -251,15 +237,16 @@ def compile_and_memory(specs) -> None:
     )
     print(
         "| model | cold: jit call → first result | warm | one step | XLA memory_analysis | "
-        "flaxseg RSS Δ (warm) | torch RSS Δ |"
+        "flaxseg peak RSS − RSS before (warm) | torch peak RSS − RSS before |"
     )
     print("|---|---|---|---|---|---|---|")
     for spec, cold, warm, torch_memory in rows:
         print(
             f"| {spec} | {cold['first_call_s']:.1f} s | {warm['first_call_s']:.1f} s | "
             f"{warm['step_s']:.1f} s | {warm['xla_bytes'] / mib:.0f} MiB "
-            f"(temp {warm['temp_bytes'] / mib:.0f}) | {warm['rss_delta'] / mib:.0f} MiB | "
-            f"{torch_memory['rss_delta'] / mib:.0f} MiB |"
+            f"(temp {warm['temp_bytes'] / mib:.0f}) | "
+            f"{warm['rss_peak'] - warm['rss_before']:.0f} MiB | "
+            f"{torch_memory['rss_peak'] - torch_memory['rss_before']:.0f} MiB |"
         )
 
 
