@@ -45,33 +45,67 @@ def random_batch(batch_size: int, height: int, width: int, num_classes: int, see
     return images, labels
 
 
-def torch_steps(module, images, labels, aux_loss_weight: float = 0.0, lr: float = 0.01):
+def torch_steps(
+    module,
+    images,
+    labels,
+    aux_loss_weight: float = 0.0,
+    lr: float = 0.01,
+    *,
+    device: str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+):
     """(train, eval) closures for a torch segmentation ``module``: SGD momentum 0.9, weight
-    decay 1e-4, cross-entropy ignoring 255; a dict output's 'aux' adds ``aux_loss_weight`` × CE."""
+    decay 1e-4, cross-entropy ignoring 255; a dict output's 'aux' adds ``aux_loss_weight`` × CE.
+
+    ``device`` ('cpu', 'cuda'), ``amp`` (autocast to bfloat16: PyTorch's mixed precision, the
+    counterpart of flaxseg's ``dtype=bfloat16``), ``channels_last`` (NHWC memory format) and
+    ``compile`` (``torch.compile``) are the GPU comparison's settings; each call waits for the
+    device to finish."""
+    import contextlib
+
     import torch
 
-    images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    labels_t = torch.from_numpy(labels.astype(np.int64))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module = module.to(device, memory_format=memory_format)
+    images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+    images_t = images_t.contiguous(memory_format=memory_format)
+    labels_t = torch.from_numpy(labels.astype(np.int64)).to(device)
     optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+    forward = torch.compile(module) if compile else module
+
+    def autocast():
+        if not amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+    def synchronize():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def train():
         module.train()
         optimizer.zero_grad()
-        out = module(images_t)
-        if isinstance(out, dict):
-            loss = criterion(out["out"], labels_t)
-            if "aux" in out:
-                loss = loss + aux_loss_weight * criterion(out["aux"], labels_t)
-        else:
-            loss = criterion(out, labels_t)
+        with autocast():
+            out = forward(images_t)
+            if isinstance(out, dict):
+                loss = criterion(out["out"].float(), labels_t)
+                if "aux" in out:
+                    loss = loss + aux_loss_weight * criterion(out["aux"].float(), labels_t)
+            else:
+                loss = criterion(out.float(), labels_t)
         loss.backward()
         optimizer.step()
+        synchronize()
 
     def evaluate():
         module.eval()
-        with torch.no_grad():
-            module(images_t)
+        with torch.no_grad(), autocast():
+            forward(images_t)
+        synchronize()
 
     return train, evaluate
 
@@ -88,9 +122,12 @@ class FlaxsegSteps(NamedTuple):
 
 
 def flaxseg_step_fns(
-    model, variables, images, labels, num_classes: int, aux_loss_weight=0.0
+    model, variables, images, labels, num_classes: int, aux_loss_weight=0.0, dtype=None
 ) -> FlaxsegSteps:
-    """flaxseg's train step and inference forward with the same recipe as ``torch_steps``."""
+    """flaxseg's train step and inference forward with the same recipe as ``torch_steps``;
+    ``dtype`` (e.g. ``jnp.bfloat16``) replaces the model's compute dtype."""
+    if dtype is not None:
+        model = model.clone(dtype=dtype)
     # Copies: the train step donates its state, and the caller may build further variants.
     state = state_lib.TrainState.create(
         apply_fn=model.apply,
@@ -242,8 +279,9 @@ def build_pair(spec: str, batch_size: int, size: int) -> Pair:
     return smp_pair(rest[0], rest[1], batch_size, size)
 
 
-def build_torch_steps(spec: str, batch_size: int, size: int):
-    """(train, evaluate) of the torch model only (no flaxseg state in the process)."""
+def build_torch_steps(spec: str, batch_size: int, size: int, **options):
+    """(train, evaluate) of the torch model only (no flaxseg state in the process); ``options``
+    go to ``torch_steps`` (device, amp, channels_last, compile)."""
     import torch
 
     kind, *rest = parse_spec(spec)
@@ -253,19 +291,24 @@ def build_torch_steps(spec: str, batch_size: int, size: int):
     if kind == "tv":
         builder = getattr(torchvision.models.segmentation, rest[0])
         module = builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
-        return torch_steps(module, images, labels, 0.5)
+        return torch_steps(module, images, labels, 0.5, **options)
     import segmentation_models_pytorch as smp
 
     module = getattr(smp, rest[0])(rest[1], encoder_weights=None, classes=21)
-    return torch_steps(module, images, labels)
+    return torch_steps(module, images, labels, **options)
 
 
-def serve_steps(train: Callable[[], None], evaluate: Callable[[], None]) -> None:
-    """Worker loop: warm both calls up, print 'ready', then per stdin line 'train' / 'eval'
-    print the call's seconds; 'quit' ends."""
+def serve_steps(
+    train: Callable[[], None], evaluate: Callable[[], None], info: dict | None = None
+) -> None:
+    """Worker loop: warm both calls up, print ``info`` (a JSON line) and 'ready', then per stdin
+    line 'train' / 'eval' print the call's seconds; 'quit' ends."""
+    import json
+
     calls = {"train": train, "eval": evaluate}
     for fn in calls.values():
         fn()
+    print(json.dumps(info or {}), flush=True)
     print("ready", flush=True)
     for line in sys.stdin:
         command = line.strip()
@@ -285,7 +328,12 @@ class StepWorker:
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
+        self.info = {}  # the worker's JSON line before 'ready' (e.g. the step's FLOPs)
         for line in self.process.stdout:
+            if line.startswith("{"):
+                import json
+
+                self.info = json.loads(line)
             if line.strip() == "ready":
                 return
         raise RuntimeError(f"Worker {' '.join(command)} exited before it was ready.")

@@ -4,6 +4,9 @@ train-step and inference images/s, compile time (cold and warm persistent cache)
   python benchmarks/vs_pytorch.py [--models=tv:fcn_resnet50,tv:deeplabv3_resnet50,...]
       [--size=257] [--smp_size=256] [--batch_size=2] [--repeats=3] [--threads=2]
       [--compile_models=smp:DeepLabV3Plus:resnet101,tv:deeplabv3_resnet50] [--skip_compile]
+  On a GPU (flaxseg bf16 against PyTorch AMP channels_last, eager and torch.compile, and MFU):
+  python benchmarks/vs_pytorch.py --models=smp:DeepLabV3Plus:resnet101 --size=513 --smp_size=512
+      --batch_size=16 --precision=bfloat16 --channels_last [--torch_compile] --peak_tflops=989
 
 Models: ``tv:<arch>`` is torchvision's segmentation model (random weights, aux head, aux weight
 0.5) and its twin from ``weights.convert_torchvision``; ``smp:<Arch>:<encoder>`` is
@@ -73,6 +76,22 @@ flags.DEFINE_list(
 )
 flags.DEFINE_bool("skip_throughput", False, "Only measure compile time and memory.")
 flags.DEFINE_bool("skip_compile", False, "Only measure throughput.")
+flags.DEFINE_enum(
+    "precision",
+    "float32",
+    ["float32", "bfloat16"],
+    "bfloat16: flaxseg computes in bfloat16 (--config.dtype=bfloat16), PyTorch under autocast to "
+    "bfloat16 (AMP); parameters float32 on both sides.",
+)
+flags.DEFINE_string("torch_device", "", "PyTorch's device; '' = cuda when available, else cpu.")
+flags.DEFINE_bool("channels_last", False, "PyTorch in the channels_last memory format.")
+flags.DEFINE_bool("torch_compile", False, "PyTorch through torch.compile (default backend).")
+flags.DEFINE_float(
+    "peak_tflops",
+    0.0,
+    "The device's peak TFLOP/s at --precision (e.g. 989 for an H100/H200 SXM in bfloat16): adds "
+    "flaxseg's model-FLOPs utilisation (XLA cost analysis FLOPs of the train step / its time).",
+)
 flags.DEFINE_string("child", "", "Internal: the subprocess role (worker_torch, worker_jax, ...).")
 flags.DEFINE_string("child_model", "", "Internal: the model of a child measurement.")
 
@@ -100,7 +119,23 @@ def _child_flags(spec: str) -> list[str]:
         f"--smp_size={FLAGS.smp_size}",
         f"--batch_size={FLAGS.batch_size}",
         f"--threads={FLAGS.threads}",
+        f"--precision={FLAGS.precision}",
+        f"--torch_device={FLAGS.torch_device}",
+        f"--channels_last={FLAGS.channels_last}",
+        f"--torch_compile={FLAGS.torch_compile}",
     ]
+
+
+def _torch_options() -> dict:
+    import torch
+
+    device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(
+        device=device,
+        amp=FLAGS.precision == "bfloat16",
+        channels_last=FLAGS.channels_last,
+        compile=FLAGS.torch_compile,
+    )
 
 
 def run_child() -> None:
@@ -112,14 +147,17 @@ def run_child() -> None:
         torch.set_num_threads(FLAGS.threads)
     spec, size = FLAGS.child_model, _size(FLAGS.child_model)
     if FLAGS.child == "worker_torch":
-        torch_compare.serve_steps(*torch_compare.build_torch_steps(spec, FLAGS.batch_size, size))
+        steps = torch_compare.build_torch_steps(spec, FLAGS.batch_size, size, **_torch_options())
+        torch_compare.serve_steps(*steps)
         return
     if FLAGS.child == "worker_jax":
-        fns = torch_compare.build_pair(spec, FLAGS.batch_size, size).jax
-        torch_compare.serve_steps(fns.train, fns.evaluate)
+        fns = _flaxseg_steps(spec, size)
+        cost = fns.train_jit.lower(*fns.train_args()).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        torch_compare.serve_steps(fns.train, fns.evaluate, {"flops": float(cost.get("flops", 0))})
         return
     if FLAGS.child == "memory_torch":
-        train, _ = torch_compare.build_torch_steps(spec, FLAGS.batch_size, size)
+        train, _ = torch_compare.build_torch_steps(spec, FLAGS.batch_size, size, **_torch_options())
         before = _status_mib("VmRSS")
         _reset_peak_rss()
         for _ in range(2):
@@ -128,7 +166,7 @@ def run_child() -> None:
         return
     import jax
 
-    fns = torch_compare.build_pair(spec, FLAGS.batch_size, size).jax
+    fns = _flaxseg_steps(spec, size)
     jax.block_until_ready(fns.train_args())
     before = _status_mib("VmRSS")
     _reset_peak_rss()
@@ -158,6 +196,17 @@ def run_child() -> None:
             }
         )
     )
+
+
+def _flaxseg_steps(spec: str, size: int):
+    """flaxseg's steps of the model pair, in --precision."""
+    import jax.numpy as jnp
+    import torch_compare
+
+    pair = torch_compare.build_pair(spec, FLAGS.batch_size, size)
+    if FLAGS.precision == "float32":
+        return pair.jax
+    return torch_compare.flaxseg_step_fns(*pair.jax_inputs, dtype=jnp.bfloat16)
 
 
 def _child(kind: str, spec: str, cache_dir: str | None = None) -> dict:
@@ -197,27 +246,36 @@ def throughput(specs) -> None:
             worker.close()
         median = {call: statistics.median(values) for call, values in times.items()}
         spread = max((max(v) - min(v)) / statistics.median(v) for v in times.values())
-        rows.append((spec, median, spread))
+        flops = workers["jax"].info.get("flops", 0.0)
+        mfu = None
+        if FLAGS.peak_tflops:
+            mfu = flops / median[("jax", "train")] / (FLAGS.peak_tflops * 1e12)
+        rows.append((spec, median, spread, mfu))
         print(f"  {spec}: " + ", ".join(f"{f} {c} {median[(f, c)] * 1e3:.0f} ms" for f, c in calls))
     batch = FLAGS.batch_size
-    print(
-        f"\n# Throughput: batch {batch}, float32, {FLAGS.size}² (tv) / {FLAGS.smp_size}² (smp), "
-        f"{jax.devices()[0].platform}, jax {jax.__version__}, torch {torch.__version__} "
-        f"(threads {FLAGS.threads}); one worker process per framework, calls alternated, "
-        f"medians of {FLAGS.repeats} rounds"
+    torch_setting = ", ".join(
+        f"{k}={v}" for k, v in _torch_options().items() if v not in (False, "")
     )
+    print(
+        f"\n# Throughput: batch {batch}, {FLAGS.precision}, {FLAGS.size}² (tv) / "
+        f"{FLAGS.smp_size}² (smp), flaxseg on {jax.devices()[0].platform} (jax {jax.__version__}), "
+        f"torch {torch.__version__} ({torch_setting}, threads {FLAGS.threads}); one worker "
+        f"process per framework, calls alternated, medians of {FLAGS.repeats} rounds"
+    )
+    mfu_header = " flaxseg train MFU |" if FLAGS.peak_tflops else ""
     print(
         "| model | torch train img/s | flaxseg train img/s | train flaxseg/torch | "
-        "torch eval img/s | flaxseg eval img/s | eval flaxseg/torch | max spread |"
+        f"torch eval img/s | flaxseg eval img/s | eval flaxseg/torch | max spread |{mfu_header}"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for spec, median, spread in rows:
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if FLAGS.peak_tflops else ""))
+    for spec, median, spread, mfu in rows:
         print(
             f"| {spec} | {batch / median[('torch', 'train')]:.2f} | "
             f"{batch / median[('jax', 'train')]:.2f} | "
             f"{median[('torch', 'train')] / median[('jax', 'train')]:.2f}× | "
             f"{batch / median[('torch', 'eval')]:.2f} | {batch / median[('jax', 'eval')]:.2f} | "
             f"{median[('torch', 'eval')] / median[('jax', 'eval')]:.2f}× | {spread:.0%} |"
+            + (f" {mfu:.1%} |" if mfu is not None else "")
         )
 
 
