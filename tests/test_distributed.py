@@ -174,14 +174,6 @@ def test_two_processes_train_like_one_and_a_single_process_resumes(tmp_path):
     # the same global batch as the uninterrupted one-process run's step 4.
     assert _max_difference(_variables(resumed, 4), _variables(one, 4)) <= 1e-5
 
-    # --parallel=pmap over two processes (psum over both hosts' devices, SyncBN): the same.
-    pmapped = tmp_path / "pmap"
-    (rc0, _, err0), (rc1, _, err1) = _two_processes(
-        [*_train_args(data_dir, pmapped, steps=3), "--parallel=pmap"]
-    )
-    assert (rc0, rc1) == (0, 0), (err0[-3000:], err1[-3000:])
-    assert _max_difference(_variables(pmapped, 3), _variables(one, 3)) <= 1e-5
-
     # eval.py over two processes: each evaluates its share, the confusion matrix is summed.
     (rc0, out0, err0), (rc1, out1, err1) = _two_processes(
         [sys.executable, "eval.py", f"--workdir={two}"]

@@ -272,6 +272,18 @@ def test_bad_parallel_settings_are_one_sentence(tmp_path, overrides, message):
     assert message in str(error.value)
 
 
+def test_pmap_is_refused_across_processes(tmp_path, monkeypatch):
+    """pmap's per-process replicas are not set up across hosts (a 2-process run hung after its
+    steps, in validation or the checkpoint): one sentence instead."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError) as error:
+        _config(tmp_path, model_kwargs=UNET_BN, parallel="pmap")
+    assert str(error.value) == (
+        "--parallel=pmap runs on one process; this run has 2 processes: use --parallel=jit (the "
+        "default), which spans every host's devices."
+    )
+
+
 def test_a_resume_on_another_process_count_continues_the_global_stream():
     """Two hosts after 3 steps of batch 2 each have read 6 examples of one global stream; one
     host resuming their checkpoint continues at global position 12 (not 6: no replay)."""

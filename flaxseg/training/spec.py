@@ -80,6 +80,11 @@ def validate_config(config) -> None:
     parallel = config.get("parallel", "jit")
     if parallel not in sharding.PARALLEL:
         raise ValueError(f"--parallel={parallel!r} is not one of {', '.join(sharding.PARALLEL)}.")
+    if parallel == "pmap" and jax.process_count() > 1:
+        raise ValueError(
+            f"--parallel=pmap runs on one process; this run has {jax.process_count()} "
+            "processes: use --parallel=jit (the default), which spans every host's devices."
+        )
     grad_accum = config.get("grad_accum", 1)
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"--config.grad_accum must be a positive integer, got {grad_accum!r}.")
