@@ -198,18 +198,27 @@ def torchvision_pair(arch: str, batch_size: int, size: int, aux_loss_weight: flo
     (``weights.convert_torchvision``), with train/eval steps on one random batch."""
     import torch
 
-    from flaxseg import models, weights
+    from flaxseg import weights
 
     torchvision = import_torchvision()
     torch.manual_seed(0)
     builder = getattr(torchvision.models.segmentation, arch)
     reference = builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
     model, variables = weights.convert_torchvision(arch, reference.state_dict())
+    return _pair(
+        f"torchvision {arch}", reference, model, variables, batch_size, size, aux_loss_weight
+    )
+
+
+def _pair(name, reference, model, variables, batch_size, size, aux_loss_weight=0.0) -> Pair:
+    """The torch ``reference`` and its flaxseg twin, with steps on one random 21-class batch."""
+    from flaxseg import models
+
     images, labels = random_batch(batch_size, size, size, 21)
     torch_train, torch_eval = torch_steps(reference, images, labels, aux_loss_weight)
     inputs = (model, variables, images, labels, 21, aux_loss_weight)
     return Pair(
-        f"torchvision {arch}",
+        name,
         TorchSteps(torch_train, torch_eval, reference),
         flaxseg_step_fns(*inputs),
         models.count_params(variables),
@@ -222,7 +231,7 @@ def smp_pair(arch: str, encoder: str, batch_size: int, size: int) -> Pair:
     (``weights.convert_smp``), with train/eval steps on one random batch."""
     import torch
 
-    from flaxseg import models, weights
+    from flaxseg import weights
 
     import_torchvision()
     import segmentation_models_pytorch as smp
@@ -230,16 +239,7 @@ def smp_pair(arch: str, encoder: str, batch_size: int, size: int) -> Pair:
     torch.manual_seed(0)
     reference = getattr(smp, arch)(encoder, encoder_weights=None, classes=21)
     model, variables = weights.convert_smp(arch, encoder, reference.state_dict())
-    images, labels = random_batch(batch_size, size, size, 21)
-    torch_train, torch_eval = torch_steps(reference, images, labels)
-    inputs = (model, variables, images, labels, 21, 0.0)
-    return Pair(
-        f"smp {arch}({encoder})",
-        TorchSteps(torch_train, torch_eval, reference),
-        flaxseg_step_fns(*inputs),
-        models.count_params(variables),
-        inputs,
-    )
+    return _pair(f"smp {arch}({encoder})", reference, model, variables, batch_size, size)
 
 
 def print_table(title: str, rows, batch_size: int) -> None:
