@@ -13,9 +13,9 @@ import pytest
 from model_helpers import random_variables
 from test_training import tiny_config
 
-from flaxseg import models
+from flaxseg import losses, models
 from flaxseg.models import adversarial as adversarial_models
-from flaxseg.training import adversarial, checkpointing, evaluation, loop, losses
+from flaxseg.training import adversarial, checkpointing, evaluation, loop
 from flaxseg.training import state as state_lib
 
 NUM_CLASSES = 5

@@ -196,7 +196,8 @@ _DATA_PARALLEL = r"""
 import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from flaxseg import models
-from flaxseg.training import loop, losses, optim, sharding, spec, state as state_lib, steps
+from flaxseg import losses
+from flaxseg.training import loop, optim, sharding, spec, state as state_lib, steps
 from flaxseg.configs import default
 assert jax.device_count() == 2, jax.devices()
 config = default.get_config()

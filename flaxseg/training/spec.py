@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg import data as data_lib
-from flaxseg import models
+from flaxseg import losses, models
 from flaxseg.configs import models as model_configs
 from flaxseg.models import adversarial as adversarial_models
-from flaxseg.training import losses, optim, sharding
+from flaxseg.training import optim, sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Constructor arguments that change only how a model computes, not which arrays it has.
