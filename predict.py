@@ -12,7 +12,8 @@ import sys
 
 from absl import app, flags
 
-from flaxseg.training import cli, evaluation, prediction
+from flaxseg.serving import predict as predict_lib
+from flaxseg.training import cli, evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -30,7 +31,7 @@ flags.DEFINE_boolean("crf", False, "Refine the probabilities with the dense CRF 
 
 
 def _predict(paths):
-    return prediction.predict_files(
+    return predict_lib.predict_files(
         FLAGS.workdir,
         paths,
         FLAGS.out,
