@@ -22,7 +22,8 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxseg.configs import deeplabv1_largefov_voc, default  # noqa: E402
-from flaxseg.training import checkpointing, cli, evaluation, loop  # noqa: E402
+from flaxseg.serving import checkpoints  # noqa: E402
+from flaxseg.training import cli, evaluation, loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/flaxseg_inference_gain", "Training workdir (reused).")
@@ -73,7 +74,7 @@ def main(argv):
     cli.enable_compilation_cache()
     cli.quiet_library_logs()
     workdir = Path(FLAGS.workdir)
-    saved = checkpointing.checkpoint_dir(workdir)
+    saved = checkpoints.checkpoint_dir(workdir)
     trained = saved.is_dir() and any(path.name.isdigit() for path in saved.iterdir())
     train_seconds = None if trained else train(workdir)
     scales = evaluation.parse_scales(FLAGS.scales)

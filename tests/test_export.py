@@ -18,7 +18,7 @@ from test_predict import reference_logits, trained_workdir
 
 from flaxseg import export
 from flaxseg.serving import export as exporting
-from flaxseg.serving import predict
+from flaxseg.serving import restore
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 37, 53
@@ -31,7 +31,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-    return predict.restore_for_inference(workdir)
+    return restore.restore_model(workdir, rgb=True)
 
 
 RELOAD = textwrap.dedent(

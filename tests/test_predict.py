@@ -21,7 +21,7 @@ from flaxseg import inference
 from flaxseg.configs import default
 from flaxseg.data import pipeline, voc_colormap
 from flaxseg.inference.crf import dense_crf
-from flaxseg.serving import predict
+from flaxseg.serving import predict, restore
 from flaxseg.training import loop, spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-    return predict.restore_for_inference(workdir)
+    return restore.restore_model(workdir, rgb=True)
 
 
 def reference_logits(restored, image: np.ndarray) -> np.ndarray:

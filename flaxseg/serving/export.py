@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxseg.constants import IMAGENET_MEAN, IMAGENET_STD
-from flaxseg.serving import predict
+from flaxseg.serving import predict, restore
 
 # What tracing a model with symbolic shapes raises where its Python code needs a concrete size.
 _SHAPE_ERRORS = (
@@ -130,7 +130,7 @@ def export_workdir(
     check_export_flags(height, width, batch_size, platforms)
     if saved_model:
         _import_tensorflow()  # fail before the work when TensorFlow is missing
-    restored = predict.restore_for_inference(workdir, checkpoint)
+    restored = restore.restore_model(workdir, checkpoint, rgb=True)
     spec = restored["spec"]
     exported = export_inference(
         restored["model"],

@@ -12,7 +12,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -21,8 +20,8 @@ from flaxseg import inference
 from flaxseg import metrics as metrics_lib
 from flaxseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from flaxseg.data import pipeline
-from flaxseg.training import checkpointing, inputs, steps
-from flaxseg.training import spec as spec_lib
+from flaxseg.serving import restore
+from flaxseg.training import inputs, steps
 from flaxseg.training import state as state_lib
 from flaxseg.training.sharding import create_mesh, replicated, shard_batch
 
@@ -227,43 +226,6 @@ def format_report(confusion, class_names=None) -> str:
     return "\n".join(lines)
 
 
-def restore_model(
-    workdir, checkpoint: str = "latest", *, output_stride: Optional[int] = None, sharding=None
-) -> dict:
-    """The model of a trained workdir rebuilt from the workdir alone, with its restored
-    parameters and BatchNorm statistics (placed with ``sharding``, default one device):
-    {'step', 'config', 'spec', 'model', 'variables': {'params', 'batch_stats'}}. Used by
-    eval.py, predict.py and export.py."""
-    built = {}
-
-    def restore_variables(manager, step):
-        """Only the parameters and BatchNorm statistics, shaped by the recorded model."""
-        meta = checkpointing.read_meta(manager, step)
-        config = ml_collections.ConfigDict(meta["config"])
-        spec = dict(meta["model_spec"])
-        if output_stride:
-            spec["model_kwargs"] = {**spec["model_kwargs"], "output_stride": output_stride}
-        try:
-            model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])
-        except ValueError as error:  # e.g. --output_stride=12: the flag's fault
-            raise checkpointing.NotTheCheckpoint() from error
-        image = jnp.zeros((1, config.crop_size, config.crop_size, model.in_channels))
-        shapes = jax.eval_shape(
-            functools.partial(model.init, train=False), jax.random.key(0), image
-        )
-        abstract = {k: shapes.get(k, {}) for k in ("params", "batch_stats")}
-        built.update(config=config, spec=spec, model=model)
-        target = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return checkpointing.restore_variables(manager, step, abstract, target)
-
-    step, restored = checkpointing.restore_workdir(
-        workdir, checkpoint, restore_fn=restore_variables
-    )
-    variables = dict(restored["state"])
-    variables.setdefault("batch_stats", {})
-    return {**built, "step": step, "variables": variables}
-
-
 def evaluate_workdir(
     workdir,
     *,
@@ -282,7 +244,7 @@ def evaluate_workdir(
     (default plain inference)."""
     options = options or InferenceOptions()
     mesh = create_mesh()
-    restored = restore_model(
+    restored = restore.restore_model(
         workdir, checkpoint, output_stride=output_stride, sharding=replicated(mesh)
     )
     step, config, spec, model = (restored[k] for k in ("step", "config", "spec", "model"))
@@ -322,5 +284,5 @@ def evaluate_workdir(
     summary = summarize(confusion)
     summary["step"] = step
     summary["compilations"] = compile_count(eval_fn)
-    summary["report"] = format_report(confusion, spec_lib.class_names(config.dataset, num_classes))
+    summary["report"] = format_report(confusion, restored["class_names"])
     return summary
