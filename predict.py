@@ -13,7 +13,8 @@ import sys
 from absl import app, flags
 
 from flaxseg.serving import predict as predict_lib
-from flaxseg.training import cli, evaluation
+from flaxseg.serving.options import parse_scales
+from flaxseg.training import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -38,7 +39,7 @@ def _predict(paths):
         checkpoint=FLAGS.checkpoint,
         save_probs=FLAGS.save_probs,
         alpha=FLAGS.alpha,
-        scales=evaluation.parse_scales(FLAGS.scales),
+        scales=parse_scales(FLAGS.scales),
         flip=FLAGS.flip,
         window=FLAGS.window,
         overlap=FLAGS.overlap,

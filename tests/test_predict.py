@@ -59,7 +59,7 @@ def restored(workdir):
 
 def reference_logits(restored, image: np.ndarray) -> np.ndarray:
     """The model on the input pipeline's own normalisation (numpy), not predict.py's."""
-    normalised = pipeline._normalise(image, pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
+    normalised = pipeline.normalise(image)
     logits = restored["model"].apply(restored["variables"], normalised[None], train=False)
     return np.asarray(logits[0], np.float32)
 

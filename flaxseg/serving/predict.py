@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from flaxseg import data as data_lib
 from flaxseg import inference
-from flaxseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from flaxseg.inference.crf import dense_crf
 from flaxseg.serving import restore
 
@@ -27,20 +26,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # ----------------------------------------------------------------------------- the model
 
 
-def normalise(images: jax.Array) -> jax.Array:
-    """uint8 RGB [..., 3] → float32 ((x / 255) − mean) / std with the ImageNet statistics the
-    input pipeline trains with (flaxseg.data.pipeline)."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
 def inference_function(model):
     """``fn(variables, images) -> logits``: uint8 [B, H, W, 3] in, float32 [B, H, W, C] out,
     normalisation included; what predict.py runs and export.py serialises."""
 
     def logits_fn(variables, images):
-        logits = model.apply(variables, normalise(images), train=False)
+        logits = model.apply(variables, data_lib.normalise(images), train=False)
         return logits.astype(jnp.float32)
 
     return logits_fn
@@ -254,7 +245,7 @@ def _jit_predict(model, scales, flip, window, overlap):
             return jax.nn.softmax(logits, axis=-1), jnp.argmax(logits, axis=-1)
         probs = inference.predict_probs(
             lambda x: model.apply(variables, x, train=False),
-            normalise(images),
+            data_lib.normalise(images),
             scales=scales,
             flip=flip,
             window=window,
