@@ -6,6 +6,7 @@ python eval.py --workdir=/tmp/fcn8s [--split=validation] [--checkpoint=latest|be
 
 from absl import app, flags
 
+from flaxseg.serving.options import InferenceOptions, parse_scales
 from flaxseg.training import cli, distributed, evaluation, reporting
 
 FLAGS = flags.FLAGS
@@ -27,8 +28,8 @@ distributed.define_flags()  # --coordinator_address, --num_processes, --process_
 
 
 def _evaluate():
-    options = evaluation.InferenceOptions(
-        scales=evaluation.parse_scales(FLAGS.scales),
+    options = InferenceOptions(
+        scales=parse_scales(FLAGS.scales),
         flip=FLAGS.flip,
         window=FLAGS.window,
         overlap=FLAGS.overlap,

@@ -10,7 +10,8 @@ imports the model code. --saved_model=DIR also writes a TensorFlow SavedModel (n
 
 from absl import app, flags
 
-from flaxseg.training import cli, exporting
+from flaxseg.serving import export as export_lib
+from flaxseg.training import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -31,7 +32,7 @@ def main(argv):
     cli.quiet_library_logs()
     metadata = cli.run_or_exit(
         "export.py",
-        exporting.export_workdir,
+        export_lib.export_workdir,
         FLAGS.workdir,
         FLAGS.out,
         checkpoint=FLAGS.checkpoint,

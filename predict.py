@@ -12,7 +12,9 @@ import sys
 
 from absl import app, flags
 
-from flaxseg.training import cli, evaluation, prediction
+from flaxseg.serving import predict as predict_lib
+from flaxseg.serving.options import parse_scales
+from flaxseg.training import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
@@ -30,14 +32,14 @@ flags.DEFINE_boolean("crf", False, "Refine the probabilities with the dense CRF 
 
 
 def _predict(paths):
-    return prediction.predict_files(
+    return predict_lib.predict_files(
         FLAGS.workdir,
         paths,
         FLAGS.out,
         checkpoint=FLAGS.checkpoint,
         save_probs=FLAGS.save_probs,
         alpha=FLAGS.alpha,
-        scales=evaluation.parse_scales(FLAGS.scales),
+        scales=parse_scales(FLAGS.scales),
         flip=FLAGS.flip,
         window=FLAGS.window,
         overlap=FLAGS.overlap,

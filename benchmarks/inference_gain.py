@@ -22,7 +22,9 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxseg.configs import deeplabv1_largefov_voc, default  # noqa: E402
-from flaxseg.training import checkpointing, cli, evaluation, loop  # noqa: E402
+from flaxseg.serving import checkpoints  # noqa: E402
+from flaxseg.serving.options import InferenceOptions, parse_scales  # noqa: E402
+from flaxseg.training import cli, evaluation, loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/flaxseg_inference_gain", "Training workdir (reused).")
@@ -73,18 +75,18 @@ def main(argv):
     cli.enable_compilation_cache()
     cli.quiet_library_logs()
     workdir = Path(FLAGS.workdir)
-    saved = checkpointing.checkpoint_dir(workdir)
+    saved = checkpoints.checkpoint_dir(workdir)
     trained = saved.is_dir() and any(path.name.isdigit() for path in saved.iterdir())
     train_seconds = None if trained else train(workdir)
-    scales = evaluation.parse_scales(FLAGS.scales)
+    scales = parse_scales(FLAGS.scales)
     variants = [
-        ("plain", evaluation.InferenceOptions()),
-        ("flip", evaluation.InferenceOptions(flip=True)),
-        ("multi-scale + flip", evaluation.InferenceOptions(scales=scales, flip=True)),
-        ("CRF", evaluation.InferenceOptions(crf=True)),
+        ("plain", InferenceOptions()),
+        ("flip", InferenceOptions(flip=True)),
+        ("multi-scale + flip", InferenceOptions(scales=scales, flip=True)),
+        ("CRF", InferenceOptions(crf=True)),
         (
             "multi-scale + flip + CRF",
-            evaluation.InferenceOptions(scales=scales, flip=True, crf=True),
+            InferenceOptions(scales=scales, flip=True, crf=True),
         ),
     ]
     rows = []

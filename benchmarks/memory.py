@@ -21,6 +21,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxseg.configs import default  # noqa: E402
+from flaxseg.serving.restore import DTYPES, build_model  # noqa: E402
 from flaxseg.training import loop, sharding  # noqa: E402
 from flaxseg.training import spec as spec_lib  # noqa: E402
 
@@ -46,9 +47,7 @@ def compiled_memory(config):
     """memory_analysis() of the configured train step compiled for abstract inputs."""
     config = spec_lib.resolve_config(config)
     spec_lib.validate_config(config)
-    model = spec_lib.build_model(
-        spec_lib.model_spec(config), spec_lib.DTYPES[config.dtype], remat=config.remat
-    )
+    model = build_model(spec_lib.model_spec(config), DTYPES[config.dtype], remat=config.remat)
     mesh = sharding.create_mesh()
     tx, _ = loop.create_optimizer(config)
     state = jax.eval_shape(lambda: loop.init_state(model, tx, config, mesh))

@@ -7,7 +7,7 @@ Each run `devices:crop:global_batch` starts a subprocess with
 `XLA_FLAGS=--xla_force_host_platform_device_count=<devices>` (the flag must be set before jax is
 imported), builds DeepLab v3+ from `flaxseg/configs/deeplabv3plus_voc.py` with `--backbone`
 (the recipe's ResNet-101 variant: weight decay 1e-4) exactly as the training loop does
-(`spec.resolve_config` / `build_model`, `loop.create_optimizer`, `loop.init_state`,
+(`spec.resolve_config` / `restore.build_model`, `loop.create_optimizer`, `loop.init_state`,
 `loop.jit_train_step` over `sharding.create_mesh()`), and lowers and compiles the train step for
 abstract inputs only (`jax.eval_shape` of `init_state`, `ShapeDtypeStruct`s with the batch
 sharded over 'data'): nothing full-size is allocated. It then reads the optimised HLO
@@ -217,6 +217,7 @@ def analyse(devices: int, crop: int, batch: int, dtype: str, backbone: str, hlo_
     sys.path.insert(0, str(ROOT))
     from flaxseg import models
     from flaxseg.configs import deeplabv3plus_voc
+    from flaxseg.serving.restore import DTYPES, build_model
     from flaxseg.training import loop
     from flaxseg.training import spec as spec_lib
     from flaxseg.training.sharding import create_mesh, replicated
@@ -232,7 +233,7 @@ def analyse(devices: int, crop: int, batch: int, dtype: str, backbone: str, hlo_
     config = spec_lib.resolve_config(config)
     spec_lib.validate_config(config)
     spec = spec_lib.model_spec(config)
-    model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])
+    model = build_model(spec, DTYPES[config.dtype])
     mesh = create_mesh()
     tx, _ = loop.create_optimizer(config)
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxseg.training import losses, optim, steps
+from flaxseg import losses
+from flaxseg.training import optim, steps
 from flaxseg.training import state as state_lib
 
 

@@ -22,8 +22,8 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from flaxseg import models  # noqa: E402
-from flaxseg.training import losses, optim, steps  # noqa: E402
+from flaxseg import losses, models  # noqa: E402
+from flaxseg.training import optim, steps  # noqa: E402
 from flaxseg.training import state as state_lib  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -13,9 +13,10 @@ import pytest
 from model_helpers import random_variables
 from test_training import tiny_config
 
-from flaxseg import models
+from flaxseg import losses, models
 from flaxseg.models import adversarial as adversarial_models
-from flaxseg.training import adversarial, checkpointing, evaluation, loop, losses
+from flaxseg.serving import checkpoints
+from flaxseg.training import adversarial, evaluation, loop
 from flaxseg.training import state as state_lib
 
 NUM_CLASSES = 5
@@ -164,8 +165,8 @@ def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(tmp_path):
     assert resumed["step"] == 6
 
     def saved(workdir, step):
-        manager = checkpointing.create_manager(workdir, read_only=True)
-        return checkpointing.restore(manager, step)["state"]
+        manager = checkpoints.create_manager(workdir, read_only=True)
+        return checkpoints.restore(manager, step)["state"]
 
     a, b = saved(tmp_path / "straight", 6), saved(tmp_path / "resumed", 6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxseg.serving import checkpoints
 from flaxseg.training import checkpointing
 
 
@@ -25,39 +26,39 @@ def _save(manager, step, miou=None):
 
 
 def test_keeps_the_last_k_and_the_best_by_miou(tmp_path):
-    manager = checkpointing.create_manager(tmp_path, keep=2)
+    manager = checkpoints.create_manager(tmp_path, keep=2)
     mious = {2: 0.9, 4: 0.2, 6: 0.4}
     for step in range(1, 8):
         _save(manager, step, mious.get(step))
     manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [2, 6, 7]  # best (0.9) + the last two
-    assert checkpointing.best_step(manager) == 2
-    assert checkpointing.resolve_step(manager, "best") == 2
-    assert checkpointing.resolve_step(manager, "latest") == 7
-    assert checkpointing.resolve_step(manager, "6") == 6
+    assert checkpoints.best_step(manager) == 2
+    assert checkpoints.resolve_step(manager, "best") == 2
+    assert checkpoints.resolve_step(manager, "latest") == 7
+    assert checkpoints.resolve_step(manager, "6") == 6
     with pytest.raises(ValueError, match=r"--checkpoint='5' is not 'latest', 'best' or one of"):
-        checkpointing.resolve_step(manager, "5")
+        checkpoints.resolve_step(manager, "5")
     # A restarted run (new manager) still knows and keeps the best checkpoint.
-    manager = checkpointing.create_manager(tmp_path, keep=2)
+    manager = checkpoints.create_manager(tmp_path, keep=2)
     for step in (8, 9):
         _save(manager, step)
     manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [2, 8, 9]
-    assert checkpointing.best_step(checkpointing.create_manager(tmp_path, read_only=True)) == 2
-    restored = checkpointing.restore(manager, 8)
+    assert checkpoints.best_step(checkpoints.create_manager(tmp_path, read_only=True)) == 2
+    restored = checkpoints.restore(manager, 8)
     np.testing.assert_array_equal(restored["state"]["params"]["w"], [8.0, 8.0])
     assert restored["data"] == {"next_index": 32}
     assert restored["meta"]["model_spec"]["model"] == "fcn8s"
 
 
 def test_best_needs_a_checkpoint_with_metrics(tmp_path):
-    manager = checkpointing.create_manager(tmp_path, keep=2)
+    manager = checkpoints.create_manager(tmp_path, keep=2)
     _save(manager, 1)
     manager.wait_until_finished()
     with pytest.raises(
         ValueError, match="was saved with a validation mIoU; use --checkpoint=latest"
     ):
-        checkpointing.resolve_step(manager, "best")
+        checkpoints.resolve_step(manager, "best")
 
 
 def test_compute_dtype_is_not_part_of_the_architecture(tmp_path):

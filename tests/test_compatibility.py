@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from test_training import TINY_FCN, tiny_config
 
+from flaxseg.serving import checkpoints
+from flaxseg.serving.restore import build_model
 from flaxseg.training import checkpointing, evaluation, loop
 from flaxseg.training import spec as spec_lib
 
@@ -127,7 +129,7 @@ def test_defaults_left_implicit_or_spelled_out_compare_equal(trained):
     assert explicit["in_channels"] == 3 and explicit["param_dtype"] == "float32"
     assert spec_lib.spec_differences(old, explicit) == {}
     checkpointing.check_compatible(old, explicit, "wd")
-    assert spec_lib.build_model(old).in_channels == 3
+    assert build_model(old).in_channels == 3
 
 
 def _drifted_copy(workdir: Path, target: Path) -> Path:
@@ -161,7 +163,7 @@ def test_arrays_that_do_not_fit_are_refused_from_the_metadata_and_left_in_place(
     # Resuming with the settings the spec records: refused before any array is read, and not
     # taken for a damaged checkpoint (nothing is moved to checkpoints_damaged/).
     read = []
-    monkeypatch.setattr(checkpointing, "restore", lambda *args, **kwargs: read.append(args))
+    monkeypatch.setattr(checkpoints, "restore", lambda *args, **kwargs: read.append(args))
     with pytest.raises(ValueError, match=r"holds arrays that do not fit the model") as error:
         loop.train_and_evaluate(
             _config(data_dir, steps=4, model_kwargs=_kwargs(fc_channels=8)), drifted

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxseg.training import checkpointing, distributed
+from flaxseg.serving import checkpoints
+from flaxseg.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = json.dumps({"base_channels": 4, "batchnorm": True, "dropout_rate": 0.0})
@@ -105,7 +106,7 @@ def _without_gloo(stdout: str) -> str:
 
 
 def _variables(workdir, step: int) -> dict:
-    _, restored = checkpointing.restore_workdir(workdir, str(step))
+    _, restored = checkpoints.restore_workdir(workdir, str(step))
     return {k: restored["state"][k] for k in ("params", "batch_stats")}
 
 
@@ -118,7 +119,7 @@ def _max_difference(a, b) -> float:
 
 
 def _miou(workdir, step: int) -> float:
-    manager = checkpointing.create_manager(workdir, read_only=True)
+    manager = checkpoints.create_manager(workdir, read_only=True)
     return manager.metrics(step)["miou"]
 
 

@@ -15,6 +15,7 @@ import pytest
 import tiny_models
 from test_registry_training import tiny_config
 
+from flaxseg.serving.restore import build_model
 from flaxseg.training import inputs, loop, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
@@ -46,7 +47,7 @@ def test_encoder_trains_inside_the_model(model_name, encoder, data_dir):
     config = tiny_config(name, data_dir)
     config.model_kwargs = json.dumps(kwargs)
     mesh = create_mesh()
-    model = spec.build_model(spec.model_spec(config))
+    model = build_model(spec.model_spec(config))
     assert model.backbone == encoder
     tx, _ = loop.create_optimizer(config)
     state = loop.init_state(model, tx, config, mesh)

@@ -18,6 +18,7 @@ import tiny_models
 from flaxseg import data, inference, models
 from flaxseg import metrics as metrics_lib
 from flaxseg.configs import default
+from flaxseg.serving.options import InferenceOptions, parse_scales
 from flaxseg.training import evaluation, loop, spec
 from flaxseg.training import state as state_lib
 from flaxseg.training.sharding import create_mesh
@@ -197,8 +198,8 @@ def test_bad_scale_in_predict_and_eval_flags(images):
     with pytest.raises(ValueError, match="got -0.5"):
         inference.predict_probs(conv_fn(_kernel(0, 1)), images, scales=(1.0, -0.5))
     with pytest.raises(ValueError, match=r"--scales takes numbers such as 0.5,1.0,1.5, got 'x'"):
-        evaluation.parse_scales(["0.5", "x"])
-    assert evaluation.parse_scales(["0.5", "1", "1.75"]) == (0.5, 1.0, 1.75)
+        parse_scales(["0.5", "x"])
+    assert parse_scales(["0.5", "1", "1.75"]) == (0.5, 1.0, 1.75)
 
 
 def test_real_tiny_model_tta_keeps_odd_sizes():
@@ -241,10 +242,10 @@ def test_eval_compiles_once_per_bucket_over_20_sizes_and_matches_per_image_tta()
         apply_fn=model.apply, tx=optax.set_to_zero(), params=params, batch_stats={}
     )
     mesh = create_mesh()
-    options = evaluation.InferenceOptions(scales=(0.5, 1.0), flip=True)
+    options = InferenceOptions(scales=(0.5, 1.0), flip=True)
     eval_fn = evaluation.jit_eval_step(NUM_CLASSES, 255, mesh, options)
-    batches = evaluation.sized_eval_batches(
-        source, batch_size=2, bucket_multiple=32, ignore_label=255, num_threads=1
+    batches = data.create_eval_iterator(
+        source, batch_size=2, bucket_multiple=32, ignore_label=255, num_threads=1, with_sizes=True
     )
     confusion = evaluation.evaluate(state, batches, eval_fn, mesh, NUM_CLASSES)
     buckets = {data.pipeline.bucket_shape(h, w, 32) for h, w in sizes}
@@ -273,7 +274,7 @@ def test_to_uint8_recovers_the_pipeline_images():
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     image, _ = data.eval_transform(pixels, np.zeros((9, 11), np.uint8), (16, 16))
-    recovered = np.asarray(evaluation.to_uint8(jnp.asarray(image)))
+    recovered = np.asarray(data.to_uint8(jnp.asarray(image)))
     np.testing.assert_array_equal(recovered[:9, :11], pixels)
     np.testing.assert_array_equal(recovered[9:], np.full((7, 16, 3), [124, 116, 104]))
 
@@ -302,7 +303,7 @@ def test_crf_option_refines_the_tta_probabilities():
     )
     labels = jax.random.randint(jax.random.key(4), (2, 20, 24), 0, NUM_CLASSES)
     batch = {"image": images, "label": labels, "size": jnp.asarray([[20, 24], [17, 21]])}
-    options = evaluation.InferenceOptions(flip=True, crf=True)
+    options = InferenceOptions(flip=True, crf=True)
     step = jax.jit(
         functools.partial(
             evaluation.tta_eval_step, num_classes=NUM_CLASSES, ignore_label=255, options=options
@@ -311,7 +312,7 @@ def test_crf_option_refines_the_tta_probabilities():
     probs = predict(
         lambda x: model.apply({"params": params}, x), images, sizes=batch["size"], flip=True
     )
-    refined = jax.vmap(inference.dense_crf)(evaluation.to_uint8(images), probs)
+    refined = jax.vmap(inference.dense_crf)(data.to_uint8(images), probs)
     assert np.any(np.argmax(refined, -1) != np.argmax(probs, -1))  # the CRF changed something
     expected = metrics_lib.confusion_matrix(labels, jnp.argmax(refined, -1), NUM_CLASSES)
     np.testing.assert_array_equal(step(state, batch), expected)
@@ -335,13 +336,13 @@ def test_eval_workdir_with_tta(tmp_path_factory):
     loop.train_and_evaluate(spec.resolve_config(config), workdir, stop_at_step=2)
     plain = evaluation.evaluate_workdir(workdir)
     assert plain["compilations"] == 1
-    windowed = evaluation.evaluate_workdir(workdir, options=evaluation.InferenceOptions(window=160))
+    windowed = evaluation.evaluate_workdir(workdir, options=InferenceOptions(window=160))
     # Equal up to argmax ties that the softmax creates between near-equal logits.
     assert windowed["miou"] == pytest.approx(plain["miou"], abs=1e-6)
     tta = evaluation.evaluate_workdir(
-        workdir, options=evaluation.InferenceOptions(scales=(0.5, 1.0), flip=True)
+        workdir, options=InferenceOptions(scales=(0.5, 1.0), flip=True)
     )
     assert tta["compilations"] == 1
     assert 0.0 <= tta["miou"] <= 1.0 and tta["miou"] != plain["miou"]
     with pytest.raises(ValueError, match="window=4 is smaller than the model's output stride 8"):
-        evaluation.evaluate_workdir(workdir, options=evaluation.InferenceOptions(window=4))
+        evaluation.evaluate_workdir(workdir, options=InferenceOptions(window=4))

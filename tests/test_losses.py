@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxseg.training import losses
+from flaxseg import losses
 
 # smp imports torchvision, whose wheel is a CUDA build: pre-register its compiled-op modules.
 for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):

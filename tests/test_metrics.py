@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flaxseg import metrics
-from flaxseg.training.losses import cross_entropy
+from flaxseg.losses import cross_entropy
 
 
 def test_confusion_matrix_by_hand():

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from test_training import tiny_config
 
+from flaxseg.serving.restore import DTYPES, build_model
 from flaxseg.training import loop, sharding
 from flaxseg.training import spec as spec_lib
 
@@ -149,7 +150,7 @@ def test_mesh_pmap_and_one_device_give_the_same_update(tmp_path):
 
 
 def _state(config):
-    model = spec_lib.build_model(spec_lib.model_spec(config), spec_lib.DTYPES[config.dtype])
+    model = build_model(spec_lib.model_spec(config), DTYPES[config.dtype])
     tx, _ = loop.create_optimizer(config)
     return model, loop.init_state(model, tx, config, sharding.create_mesh())
 

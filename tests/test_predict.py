@@ -21,7 +21,8 @@ from flaxseg import inference
 from flaxseg.configs import default
 from flaxseg.data import pipeline, voc_colormap
 from flaxseg.inference.crf import dense_crf
-from flaxseg.training import loop, prediction, spec
+from flaxseg.serving import predict, restore
+from flaxseg.training import loop, spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +54,12 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-    return prediction.restore_for_inference(workdir)
+    return restore.restore_model(workdir, rgb=True)
 
 
 def reference_logits(restored, image: np.ndarray) -> np.ndarray:
     """The model on the input pipeline's own normalisation (numpy), not predict.py's."""
-    normalised = pipeline._normalise(image, pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
+    normalised = pipeline.normalise(image)
     logits = restored["model"].apply(restored["variables"], normalised[None], train=False)
     return np.asarray(logits[0], np.float32)
 
@@ -83,7 +84,7 @@ def test_palette_overlay_and_probs_match_the_model(workdir, restored, tmp_path):
     messages = []
 
     out = tmp_path / "out"
-    summary = prediction.predict_files(
+    summary = predict.predict_files(
         workdir, [folder, single], out, save_probs=True, log=messages.append
     )
 
@@ -124,7 +125,7 @@ def test_overlay_blends_and_lists_the_classes_present():
     indices[:, 45:] = 15  # person
     colormap = voc_colormap()
     overlay = np.asarray(
-        prediction.overlay_image(image, indices, colormap, ["background"] + ["x"] * 20, 0.25)
+        predict.overlay_image(image, indices, colormap, ["background"] + ["x"] * 20, 0.25)
     )
     # Far from the legend (top-left), each pixel is 0.75 * image + 0.25 * its class colour.
     np.testing.assert_array_equal(overlay[-1, 20], np.round(0.75 * 200 + 0.25 * colormap[0]))
@@ -141,7 +142,7 @@ def test_tta_and_crf_are_applied(workdir, restored, tmp_path):
 
     def probs_of(**options):
         out = tmp_path / ("_".join(f"{k}{v}" for k, v in options.items()) or "plain")
-        prediction.predict_files(workdir, [tmp_path / "x.png"], out, save_probs=True, **options)
+        predict.predict_files(workdir, [tmp_path / "x.png"], out, save_probs=True, **options)
         probs = np.load(out / "x_probs.npy")
         np.testing.assert_array_equal(np.asarray(Image.open(out / "x.png")), probs.argmax(-1))
         return probs
@@ -154,7 +155,7 @@ def test_tta_and_crf_are_applied(workdir, restored, tmp_path):
     np.testing.assert_allclose(plain, jax.nn.softmax(logits), atol=1e-6)
     np.testing.assert_allclose(probs_of(crf=True), dense_crf(image, plain), atol=1e-6)
     with pytest.raises(ValueError, match="Every scale must be a positive number"):
-        prediction.predict_files(workdir, [tmp_path / "x.png"], tmp_path, scales=(0.0,))
+        predict.predict_files(workdir, [tmp_path / "x.png"], tmp_path, scales=(0.0,))
     assert inference.check_options((1.0,)) == (1.0,)
 
 
@@ -162,16 +163,16 @@ def test_bad_paths_are_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"^Folder .*empty holds no images \(files ending in"):
-        prediction.list_images([tmp_path / "empty"])
+        predict.list_images([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match=r"^Image or folder .*missing.jpg does not exist"):
-        prediction.list_images([tmp_path / "missing.jpg"])
+        predict.list_images([tmp_path / "missing.jpg"])
     with pytest.raises(ValueError, match="Give at least one image or folder"):
-        prediction.list_images([])
+        predict.list_images([])
     with pytest.raises(ValueError, match=r"^--out=.* would overwrite the input image .*x.png"):
         (tmp_path / "x.png").write_bytes(b"")
-        prediction.predict_files(tmp_path / "no_workdir", [tmp_path / "x.png"], tmp_path)
+        predict.predict_files(tmp_path / "no_workdir", [tmp_path / "x.png"], tmp_path)
     first, second = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
-    assert prediction.output_names([first, second, tmp_path / "x.jpg"]) == ["x", "x_1", "x_2"]
+    assert predict.output_names([first, second, tmp_path / "x.jpg"]) == ["x", "x_1", "x_2"]
 
 
 def _predict_cli(*args):

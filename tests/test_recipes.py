@@ -16,6 +16,7 @@ import pytest
 import tiny_models
 from flax import traverse_util
 
+from flaxseg.serving.restore import build_model
 from flaxseg.training import cli, loop, optim, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
@@ -147,7 +148,7 @@ def test_recipe_trains_three_steps_with_its_parameter_groups(recipe, data_dir):
     config = recipe_config(recipe, data_dir)
     spec.validate_config(config)
     mesh = create_mesh()
-    model = spec.build_model(spec.model_spec(config))
+    model = build_model(spec.model_spec(config))
     tx, _ = loop.create_optimizer(config)
     state = loop.init_state(model, tx, config, mesh)
     groups = optim.param_groups(state.params, config.param_groups, config.weight_decay)

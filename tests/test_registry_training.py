@@ -14,6 +14,7 @@ import tiny_models
 
 from flaxseg import models
 from flaxseg.configs import default
+from flaxseg.serving.restore import build_model
 from flaxseg.training import evaluation, inputs, loop, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
@@ -46,7 +47,7 @@ def tiny_config(name, data_dir):
 def test_model_trains_and_evaluates(name, data_dir, tmp_path):
     config = tiny_config(name, data_dir)
     mesh = create_mesh()
-    model = spec.build_model(spec.model_spec(config))
+    model = build_model(spec.model_spec(config))
     tx, _ = loop.create_optimizer(config)
     state = loop.init_state(model, tx, config, mesh)
     batch = shard_batch(next(inputs.create_train_iterator(config)), mesh)

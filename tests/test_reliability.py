@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from test_training import TINY_FCN, tiny_config
 
-from flaxseg.training import checkpointing, evaluation, loop
+from flaxseg.serving import checkpoints
+from flaxseg.training import evaluation, loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
     assert last.startswith("Stopped by SIGTERM at step ") and "Run the same command" in last
     step = int(last.split("at step ")[1].split(";")[0])
     assert step >= 2
-    restored_step, restored = checkpointing.restore_workdir(workdir)
+    restored_step, restored = checkpoints.restore_workdir(workdir)
     assert restored_step == step and int(restored["state"]["step"]) == step
     assert restored["data"]  # the input pipeline's position, for an exact resume
 
@@ -88,7 +89,7 @@ def test_diverging_run_stops_and_leaves_the_last_checkpoint_untouched(data_dir, 
         tmp_path / "skipping",
     )
     assert summary["step"] == 8 and sum(h["nonfinite"] for h in summary["history"]) > 0
-    _, restored = checkpointing.restore_workdir(tmp_path / "skipping")
+    _, restored = checkpoints.restore_workdir(tmp_path / "skipping")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
 
 
@@ -170,7 +171,7 @@ def _train_command(data_dir, workdir):
 
 
 def _final_params(workdir):
-    step, restored = checkpointing.restore_workdir(workdir)
+    step, restored = checkpoints.restore_workdir(workdir)
     assert step == 8
     return jax.tree.leaves((restored["state"]["params"], restored["state"]["opt_state"]))
 
@@ -226,14 +227,14 @@ def test_an_unfinished_save_is_ignored_with_a_note(data_dir, tmp_path, capsys):
 def test_evaluation_reads_only_the_variables(data_dir, tmp_path, monkeypatch):
     loop.train_and_evaluate(tiny_config(data_dir, steps=2, checkpoint_every=2), tmp_path)
     seen = []
-    original = checkpointing.restore_variables
+    original = checkpoints.restore_variables
 
     def spy(manager, step, abstract, sharding):
         restored = original(manager, step, abstract, sharding)
         seen.append(sorted(restored["state"]))
         return restored
 
-    monkeypatch.setattr(checkpointing, "restore_variables", spy)
+    monkeypatch.setattr(checkpoints, "restore_variables", spy)
     assert evaluation.evaluate_workdir(tmp_path)["step"] == 2
     assert seen == [["params"]]  # this FCN has no BatchNorm; no optimiser state, no step
 

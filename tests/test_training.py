@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from flaxseg.configs import default
-from flaxseg.training import checkpointing, evaluation, loop
+from flaxseg.serving import checkpoints
+from flaxseg.training import evaluation, loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
@@ -61,10 +62,10 @@ def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
     assert 0.0 <= summary["miou"] <= 1.0 and summary["step"] == 40
-    manager = checkpointing.create_manager(tmp_path, read_only=True)
+    manager = checkpoints.create_manager(tmp_path, read_only=True)
     # Saved every 6 steps and at the end; the last 3 are kept (the end is also the best).
     assert sorted(manager.all_steps()) == [30, 36, 40]
-    meta = checkpointing.read_meta(manager, 40)
+    meta = checkpoints.read_meta(manager, 40)
     assert meta["model_spec"]["model"] == "fcn32s"
     assert meta["model_spec"]["model_kwargs"] == {"base_width": 8, "fc_channels": 32}
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -78,8 +79,8 @@ def test_resume_continues_the_step_count_and_is_exact(data_dir, tmp_path):
     second = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "resumed")
     assert second["step"] == 12
     assert [h["step"] for h in second["history"]] == [9, 12]  # continued, not restarted
-    restore = lambda wd: checkpointing.restore(  # noqa: E731
-        checkpointing.create_manager(wd, read_only=True), 12
+    restore = lambda wd: checkpoints.restore(  # noqa: E731
+        checkpoints.create_manager(wd, read_only=True), 12
     )["state"]["params"]
     a, b = restore(tmp_path / "straight"), restore(tmp_path / "resumed")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -196,7 +197,8 @@ _DATA_PARALLEL = r"""
 import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from flaxseg import models
-from flaxseg.training import loop, losses, optim, sharding, spec, state as state_lib, steps
+from flaxseg import losses
+from flaxseg.training import loop, optim, sharding, spec, state as state_lib, steps
 from flaxseg.configs import default
 assert jax.device_count() == 2, jax.devices()
 config = default.get_config()
@@ -300,9 +302,9 @@ def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
     )
     loop.train_and_evaluate(config, tmp_path / "wd")
     assert "stayed random" in capsys.readouterr().out
-    params = checkpointing.restore(
-        checkpointing.create_manager(tmp_path / "wd", read_only=True), 1
-    )["state"]["params"]
+    params = checkpoints.restore(checkpoints.create_manager(tmp_path / "wd", read_only=True), 1)[
+        "state"
+    ]["params"]
     # With a vanishing learning rate, the trained backbone still equals the file.
     kernel = source[("params", "layer3_1", "conv2", "kernel")]
     np.testing.assert_allclose(params["backbone"]["layer3_1"]["conv2"]["kernel"], kernel, atol=1e-6)
@@ -335,8 +337,8 @@ def test_init_from_copies_matching_parameters_of_another_run(data_dir, tmp_path,
     """FCN's staged training: FCN-16s starts from a trained FCN-32s; the new skip starts at 0."""
     first = tiny_config(data_dir, model="fcn32s", steps=2, checkpoint_every=2)
     loop.train_and_evaluate(first, tmp_path / "fcn32s")
-    source = checkpointing.restore(
-        checkpointing.create_manager(tmp_path / "fcn32s", read_only=True), 2
+    source = checkpoints.restore(
+        checkpoints.create_manager(tmp_path / "fcn32s", read_only=True), 2
     )["state"]["params"]
     second = tiny_config(
         data_dir, model="fcn16s", steps=1, lr=1e-12, init_from=str(tmp_path / "fcn32s")
@@ -344,8 +346,8 @@ def test_init_from_copies_matching_parameters_of_another_run(data_dir, tmp_path,
     loop.train_and_evaluate(second, tmp_path / "fcn16s")
     out = capsys.readouterr().out
     assert "Initialised" in out and "kept as initialised: score_pool4/" in out
-    params = checkpointing.restore(
-        checkpointing.create_manager(tmp_path / "fcn16s", read_only=True), 1
+    params = checkpoints.restore(
+        checkpoints.create_manager(tmp_path / "fcn16s", read_only=True), 1
     )["state"]["params"]
     for path in (("fc6", "kernel"), ("score_fr", "kernel"), ("backbone", "features_28", "kernel")):
         a, b = source, params

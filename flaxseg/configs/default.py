@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.eval_bucket_multiple = 128
 
-    # Loss: one name of flaxseg.training.losses.list_losses() or a weighted sum such as
+    # Loss: one name of flaxseg.losses.list_losses() or a weighted sum such as
     # 'cross_entropy+0.5*dice'. Auxiliary heads are scored with the same expression.
     config.loss = "cross_entropy"
     config.class_weights = ()  # one weight per class; () = unweighted

@@ -19,6 +19,8 @@ from flaxseg.data.pipeline import (
     create_train_iterator,
     eval_transform,
     image_sizes,
+    normalise,
+    to_uint8,
     train_transform,
 )
 from flaxseg.data.registry import (
@@ -48,7 +50,9 @@ __all__ = [
     "get_data_source",
     "image_sizes",
     "list_datasets",
+    "normalise",
     "synthetic_config",
+    "to_uint8",
     "train_transform",
     "voc_colormap",
     "write_synthetic_voc",

@@ -25,11 +25,20 @@ from PIL import Image
 from flaxseg.constants import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD
 
 
-def _normalise(image: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 RGB → float32 ((x / 255) − mean) / std."""
+def normalise(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 RGB [..., 3] → float32 ((x / 255) − mean) / std: flaxseg's one normalisation, of
+    the input pipeline (NumPy arrays) and of prediction and export (jax arrays, also traced:
+    the exported function includes it)."""
     mean = np.asarray(mean, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
     return (image.astype(np.float32) / 255.0 - mean) / std
+
+
+def to_uint8(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """`normalise` undone: normalised float images → the uint8 RGB they came from (padding → the
+    mean colour); jax arrays (also traced) or NumPy arrays."""
+    pixels = (images * np.asarray(std) + np.asarray(mean)) * 255.0
+    return pixels.round().clip(0, 255).astype(np.uint8)
 
 
 def _as_label_map(mask: np.ndarray) -> np.ndarray:
@@ -90,7 +99,7 @@ def train_transform(
     window_h, window_w = min(crop_size, height - top), min(crop_size, width - left)
     out_image = np.zeros((crop_size, crop_size, 3), dtype=np.float32)
     out_label = np.full((crop_size, crop_size), ignore_label, dtype=np.int32)
-    out_image[:window_h, :window_w] = _normalise(
+    out_image[:window_h, :window_w] = normalise(
         image[top : top + window_h, left : left + window_w], mean, std
     )
     out_label[:window_h, :window_w] = mask[top : top + window_h, left : left + window_w]
@@ -122,7 +131,7 @@ def eval_transform(
         raise ValueError(f"Image of size {height}x{width} does not fit the bucket {shape}.")
     out_image = np.zeros((*shape, 3), dtype=np.float32)
     out_label = np.full(shape, ignore_label, dtype=np.int32)
-    out_image[:height, :width] = _normalise(image, mean, std)
+    out_image[:height, :width] = normalise(image, mean, std)
     out_label[:height, :width] = mask
     return out_image, out_label
 
@@ -272,14 +281,18 @@ def eval_batch_plan(
     return plan
 
 
-def _eval_batch(planned, *, source, mean, std, ignore_label) -> dict:
-    """Loads and pads one planned batch; dummies are all-ignore and weigh nothing."""
+def _eval_batch(planned, *, source, mean, std, ignore_label, with_sizes=False) -> dict:
+    """Loads and pads one planned batch; dummies are all-ignore and weigh nothing. With
+    ``with_sizes`` also 'size': int32 [B, 2], each image's real (height, width) inside its
+    bucket (a dummy's is the bucket's)."""
     shape, indices = planned
     images = np.zeros((len(indices), *shape, 3), dtype=np.float32)
     labels = np.full((len(indices), *shape), ignore_label, dtype=np.int32)
+    sizes = np.full((len(indices), 2), shape, dtype=np.int32)
     for row, index in enumerate(indices):
         if index is not None:
             example = source[index]
+            sizes[row] = np.shape(example["image"])[:2]
             images[row], labels[row] = eval_transform(
                 example["image"],
                 example["segmentation_mask"],
@@ -288,7 +301,8 @@ def _eval_batch(planned, *, source, mean, std, ignore_label) -> dict:
                 std=std,
                 ignore_label=ignore_label,
             )
-    return {"image": images, "label": labels}
+    batch = {"image": images, "label": labels}
+    return {**batch, "size": sizes} if with_sizes else batch
 
 
 def create_eval_iterator(
@@ -303,6 +317,7 @@ def create_eval_iterator(
     shard_count: int | None = None,
     sizes=None,
     num_threads: int = 4,
+    with_sizes: bool = False,
 ):
     """A finite iterator over whole images, padded and grouped into size buckets.
 
@@ -311,7 +326,9 @@ def create_eval_iterator(
     exactly batch_size examples (the last batch of a bucket is filled with all-ignore dummy
     examples), so an eval step compiles once per bucket. Yields
     {'image': float32 [batch_size, Hb, Wb, 3], 'label': int32 [batch_size, Hb, Wb]}.
-    Across all hosts every real example is seen exactly once.
+    Across all hosts every real example is seen exactly once. With ``with_sizes`` each batch
+    also holds 'size': int32 [batch_size, 2], the images' real (height, width) inside the
+    bucket (a dummy's is the bucket's), which scaling and flipping at test time act on.
 
     Args:
       sizes: optional (height, width) per example, as from `image_sizes(source)`; pass it
@@ -334,7 +351,14 @@ def create_eval_iterator(
         shard_count=shard_count,
     )
     dataset = grain.MapDataset.source(plan).map(
-        functools.partial(_eval_batch, source=source, mean=mean, std=std, ignore_label=ignore_label)
+        functools.partial(
+            _eval_batch,
+            source=source,
+            mean=mean,
+            std=std,
+            ignore_label=ignore_label,
+            with_sizes=with_sizes,
+        )
     )
     return iter(
         dataset.to_iter_dataset(

@@ -1,1 +1,1 @@
-"""Training: train state, pure steps, losses, schedules, checkpoints and the loop."""
+"""Training: train state, pure steps, schedules, checkpoint saving and the loop."""

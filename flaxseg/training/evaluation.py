@@ -6,71 +6,22 @@ Whole images are padded to a few bucket shapes (`config.eval_bucket_multiple`), 
 step compiles once per bucket however many image sizes the split has; `compilations` in the
 summary counts the executables actually built."""
 
-import dataclasses
 import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from flaxseg import data as data_lib
 from flaxseg import inference
 from flaxseg import metrics as metrics_lib
-from flaxseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from flaxseg.data import pipeline
-from flaxseg.training import checkpointing, inputs, steps
-from flaxseg.training import spec as spec_lib
+from flaxseg.serving import restore
+from flaxseg.serving.options import InferenceOptions
+from flaxseg.training import inputs, steps
 from flaxseg.training import state as state_lib
 from flaxseg.training.sharding import create_mesh, replicated, shard_batch
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceOptions:
-    """How eval predicts: softmax averaged over ``scales`` × (identity, flip if ``flip``), each
-    whole or in ``window``-pixel sliding windows overlapping by ``overlap``, then the dense CRF
-    if ``crf``. The defaults are plain inference."""
-
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    window: Optional[int] = None
-    overlap: float = 0.33
-    crf: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(
-            self, "scales", inference.check_options(self.scales, self.window, self.overlap)
-        )
-
-    @property
-    def plain(self) -> bool:
-        return self == InferenceOptions()
-
-    @property
-    def needs_sizes(self) -> bool:
-        """Scaling and flipping act on each image's real (unpadded) size."""
-        return self.flip or self.scales != (1.0,)
-
-
-def parse_scales(values) -> tuple[float, ...]:
-    """``--scales=0.5,0.75,1.0`` (absl's list of strings) -> (0.5, 0.75, 1.0), checked."""
-    scales = []
-    for value in values:
-        try:
-            scales.append(float(value))
-        except ValueError:
-            raise ValueError(
-                f"--scales takes numbers such as 0.5,1.0,1.5, got {value!r}."
-            ) from None
-    return inference.check_options(scales)
-
-
-def to_uint8(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Normalised float images -> the uint8 RGB they came from (padding -> the mean colour)."""
-    pixels = (images * jnp.asarray(std) + jnp.asarray(mean)) * 255.0
-    return jnp.clip(jnp.round(pixels), 0, 255).astype(jnp.uint8)
 
 
 def tta_eval_step(
@@ -100,7 +51,7 @@ def tta_eval_step(
         sizes=batch.get("size"),
     )
     if options.crf:
-        probs = jax.vmap(inference.dense_crf)(to_uint8(batch["image"]), probs)
+        probs = jax.vmap(inference.dense_crf)(pipeline.to_uint8(batch["image"]), probs)
     predictions = jnp.argmax(probs, axis=-1)
     confusion = metrics_lib.confusion_matrix(batch["label"], predictions, num_classes, ignore_label)
     if axis_name is not None:
@@ -127,59 +78,6 @@ def jit_eval_step(
 def compile_count(jitted) -> int:
     """Executables a jitted function holds, one per distinct input shape it was called with."""
     return jitted._cache_size()
-
-
-def sized_eval_batches(
-    source,
-    *,
-    batch_size: int,
-    bucket_multiple: int,
-    ignore_label: int,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    num_threads: int = 4,
-):
-    """`pipeline.create_eval_iterator`'s batches of this host's share of ``source``, each with
-    its images' real sizes added as ``'size'``: int32 [B, 2] (height, width); dummies get
-    their bucket's shape."""
-    sizes = pipeline.image_sizes(source)
-    plan = pipeline.eval_batch_plan(
-        sizes,
-        batch_size=batch_size,
-        bucket_multiple=bucket_multiple,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    batches = pipeline.create_eval_iterator(
-        source,
-        batch_size=batch_size,
-        bucket_multiple=bucket_multiple,
-        mean=mean,
-        std=std,
-        ignore_label=ignore_label,
-        sizes=sizes,
-        num_threads=num_threads,
-    )
-    # The iterator yields the plan's batches in the plan's order.
-    for (shape, indices), batch in zip(plan, batches, strict=True):
-        real = [shape if index is None else sizes[index] for index in indices]
-        yield {**batch, "size": np.asarray(real, np.int32)}
-
-
-def create_sized_eval_iterator(config, split: str = "validation"):
-    """`inputs.create_eval_iterator` with the real image sizes (`sized_eval_batches`)."""
-    source = data_lib.get_data_source(
-        config.dataset,
-        split,
-        data_dir=config.data_dir or None,
-        manual_dir=config.manual_dir or None,
-    )
-    return sized_eval_batches(
-        source,
-        batch_size=config.eval_batch_size // jax.process_count(),
-        bucket_multiple=config.eval_bucket_multiple,
-        ignore_label=config.ignore_label,
-    )
 
 
 def evaluate(
@@ -227,43 +125,6 @@ def format_report(confusion, class_names=None) -> str:
     return "\n".join(lines)
 
 
-def restore_model(
-    workdir, checkpoint: str = "latest", *, output_stride: Optional[int] = None, sharding=None
-) -> dict:
-    """The model of a trained workdir rebuilt from the workdir alone, with its restored
-    parameters and BatchNorm statistics (placed with ``sharding``, default one device):
-    {'step', 'config', 'spec', 'model', 'variables': {'params', 'batch_stats'}}. Used by
-    eval.py, predict.py and export.py."""
-    built = {}
-
-    def restore_variables(manager, step):
-        """Only the parameters and BatchNorm statistics, shaped by the recorded model."""
-        meta = checkpointing.read_meta(manager, step)
-        config = ml_collections.ConfigDict(meta["config"])
-        spec = dict(meta["model_spec"])
-        if output_stride:
-            spec["model_kwargs"] = {**spec["model_kwargs"], "output_stride": output_stride}
-        try:
-            model = spec_lib.build_model(spec, spec_lib.DTYPES[config.dtype])
-        except ValueError as error:  # e.g. --output_stride=12: the flag's fault
-            raise checkpointing.NotTheCheckpoint() from error
-        image = jnp.zeros((1, config.crop_size, config.crop_size, model.in_channels))
-        shapes = jax.eval_shape(
-            functools.partial(model.init, train=False), jax.random.key(0), image
-        )
-        abstract = {k: shapes.get(k, {}) for k in ("params", "batch_stats")}
-        built.update(config=config, spec=spec, model=model)
-        target = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return checkpointing.restore_variables(manager, step, abstract, target)
-
-    step, restored = checkpointing.restore_workdir(
-        workdir, checkpoint, restore_fn=restore_variables
-    )
-    variables = dict(restored["state"])
-    variables.setdefault("batch_stats", {})
-    return {**built, "step": step, "variables": variables}
-
-
 def evaluate_workdir(
     workdir,
     *,
@@ -282,7 +143,7 @@ def evaluate_workdir(
     (default plain inference)."""
     options = options or InferenceOptions()
     mesh = create_mesh()
-    restored = restore_model(
+    restored = restore.restore_model(
         workdir, checkpoint, output_stride=output_stride, sharding=replicated(mesh)
     )
     step, config, spec, model = (restored[k] for k in ("step", "config", "spec", "model"))
@@ -313,14 +174,10 @@ def evaluate_workdir(
             output_stride=getattr(model, "output_stride", None) or 32,
         )
     eval_fn = jit_eval_step(num_classes, config.ignore_label, mesh, options)
-    iterator = (
-        create_sized_eval_iterator(config, split)
-        if options.needs_sizes
-        else inputs.create_eval_iterator(config, split)
-    )
+    iterator = inputs.create_eval_iterator(config, split, with_sizes=options.needs_sizes)
     confusion = evaluate(state, iterator, eval_fn, mesh, num_classes, label_transform)
     summary = summarize(confusion)
     summary["step"] = step
     summary["compilations"] = compile_count(eval_fn)
-    summary["report"] = format_report(confusion, spec_lib.class_names(config.dataset, num_classes))
+    summary["report"] = format_report(confusion, restored["class_names"])
     return summary

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from flaxseg.training import checkpointing, reporting
+from flaxseg.serving import checkpoints
+from flaxseg.training import reporting
 from flaxseg.training import spec as spec_lib
 from flaxseg.training.sharding import replicated
 
@@ -65,11 +66,11 @@ def check_init_from(workdir, spec: dict) -> None:
     latest checkpoint of ``workdir`` cannot initialise this run: another class count,
     backbone, input channels or parameter dtype (the score layers, the stem or the whole
     backbone would not fit, and a silent partial load would hide the mistake)."""
-    _, restored = checkpointing.restore_workdir(
+    _, restored = checkpoints.restore_workdir(
         workdir,
         "latest",
         flag="--init_from",
-        restore_fn=lambda manager, step: {"meta": checkpointing.read_meta(manager, step)},
+        restore_fn=lambda manager, step: {"meta": checkpoints.read_meta(manager, step)},
     )
     _check_source(workdir, restored["meta"]["model_spec"], spec)
 
@@ -83,14 +84,14 @@ def init_from(state, workdir, spec: dict, mesh):
     """
 
     def checked_restore(manager, step):
-        source_spec = checkpointing.read_meta(manager, step)["model_spec"]
+        source_spec = checkpoints.read_meta(manager, step)["model_spec"]
         try:
             _check_source(workdir, source_spec, spec)
         except ValueError as error:
-            raise checkpointing.NotTheCheckpoint() from error
-        return checkpointing.restore(manager, step)
+            raise checkpoints.NotTheCheckpoint() from error
+        return checkpoints.restore(manager, step)
 
-    step, restored = checkpointing.restore_workdir(
+    step, restored = checkpoints.restore_workdir(
         workdir, "latest", flag="--init_from", restore_fn=checked_restore
     )
     source_spec = restored["meta"]["model_spec"]

@@ -28,9 +28,9 @@ def create_train_iterator(config):
     )
 
 
-def create_eval_iterator(config, split: str = "validation"):
+def create_eval_iterator(config, split: str = "validation", with_sizes: bool = False):
     """Whole images of ``split``, padded to a few bucket sizes (the padding carries the ignore
-    label)."""
+    label); ``with_sizes`` adds each image's real size (`pipeline.create_eval_iterator`)."""
     source = data_lib.get_data_source(config.dataset, split, **_data_kwargs(config))
     return pipeline.create_eval_iterator(
         source,
@@ -39,6 +39,7 @@ def create_eval_iterator(config, split: str = "validation"):
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         ignore_label=config.ignore_label,
+        with_sizes=with_sizes,
     )
 
 

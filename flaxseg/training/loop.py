@@ -3,7 +3,7 @@
 Its parts live beside it: `spec` (configuration checks, the model spec), `inputs` (the input
 pipeline), `sharding` (the mesh), `initialization` (--pretrained, --init_from), `evaluation`
 (the eval step, reports, eval.py), `reporting` (stdout, progress bar, TensorBoard),
-`checkpointing` (Orbax).
+`checkpointing` (Orbax saves; `flaxseg.serving.checkpoints` reads them).
 """
 
 import functools
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from flaxseg import models
+from flaxseg.serving import checkpoints, restore
 from flaxseg.training import (
     adversarial,
     checkpointing,
@@ -154,7 +155,7 @@ def init_state(model, tx, config, mesh):
                     input_shape=input_shape,
                     rng=jax.random.fold_in(rng, 1),
                     tx=adversary_optimizer(config),
-                    dtype=spec_lib.DTYPES[config.dtype],
+                    dtype=restore.DTYPES[config.dtype],
                     **spec_lib.parse_model_kwargs(config.adversary_kwargs),
                 )
             )
@@ -173,7 +174,7 @@ def _last_good(manager, workdir) -> str:
     if step is None:
         return "no checkpoint was written before it."
     return (
-        f"the last good checkpoint is step {step} in {checkpointing.checkpoint_dir(workdir)} "
+        f"the last good checkpoint is step {step} in {checkpoints.checkpoint_dir(workdir)} "
         "(left untouched)."
     )
 
@@ -183,11 +184,11 @@ def _saved_meta(manager, steps) -> dict:
     damaged newest one is reported when the state is restored)."""
     for step in sorted(steps, reverse=True):
         try:
-            return checkpointing.read_meta(manager, step)
+            return checkpoints.read_meta(manager, step)
         except Exception:  # damaged: the restore below names it
             continue
     raise ValueError(
-        f"No checkpoint in {checkpointing.checkpoint_dir(manager.directory.parent)} has readable "
+        f"No checkpoint in {checkpoints.checkpoint_dir(manager.directory.parent)} has readable "
         "metadata; the workdir was left untouched: pass a new --workdir."
     )
 
@@ -231,7 +232,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     spec = spec_lib.model_spec(config)
     workdir = Path(workdir)
     check_workdir(workdir)
-    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints, read_only=True)
+    manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, read_only=True)
     saved_steps = manager.all_steps()
     latest = manager.latest_step()
     if latest is not None:
@@ -246,8 +247,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     elif config.init_from:
         initialization.check_init_from(config.init_from, spec)
     spec_lib.check_input_channels(config.dataset, spec["in_channels"], "--model_kwargs sets")
-    model = spec_lib.build_model(  # checks its arguments
-        spec, spec_lib.DTYPES[config.dtype], remat=config.get("remat", False)
+    model = restore.build_model(  # checks its arguments
+        spec, restore.DTYPES[config.dtype], remat=config.get("remat", False)
     )
 
     train_iterator = inputs.create_train_iterator(config)
@@ -268,16 +269,14 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     if latest is None and config.pretrained:
         state = initialization.load_pretrained(state, config.pretrained, model, mesh)
     check_disk_space(workdir, state, config.keep_checkpoints)
-    for unfinished in sorted(
-        checkpointing.checkpoint_dir(workdir).glob("*.orbax-checkpoint-tmp-*")
-    ):
+    for unfinished in sorted(checkpoints.checkpoint_dir(workdir).glob("*.orbax-checkpoint-tmp-*")):
         reporting.say(
             f"Ignored {unfinished}: a save that never finished (the process died while writing "
             "it); it was left in place."
         )
     if latest is not None:
         damaged = []
-        latest, restored = checkpointing.restore_intact(
+        latest, restored = checkpoints.restore_intact(
             manager,
             saved_steps,
             state_lib.state_to_checkpoint(state),
@@ -287,8 +286,8 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
             reporting.say(f"Moved it to {checkpointing.set_aside(workdir, step)}.")
         state = state_lib.state_from_checkpoint(state, restored["state"])
         inputs.restore_iterator(train_iterator, restored["data"])
-        reporting.say(f"Resumed from {checkpointing.checkpoint_dir(workdir)} at step {latest}.")
-    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+        reporting.say(f"Resumed from {checkpoints.checkpoint_dir(workdir)} at step {latest}.")
+    manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints)
 
     train_fn = jit_train_step(config, mesh)
     # The segmenter's optimiser (and schedule) only counts its own updates.
@@ -399,7 +398,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     manager.close()
     writer.close()
     if stop.requested:
-        where = checkpointing.checkpoint_dir(workdir)
+        where = checkpoints.checkpoint_dir(workdir)
         message = (
             f"Stopped by {stop.signal_name} at step {saved_at}; the checkpoint is in {where}. "
             "Run the same command to resume."
@@ -409,7 +408,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
         confusion, summary = validate(state)
     summary["step"] = int(np.ravel(jax.device_get(state.step))[0])  # pmap: one per replica
     summary["report"] = evaluation.format_report(
-        confusion, spec_lib.class_names(config.dataset, config.num_classes)
+        confusion, restore.class_names(config.dataset, config.num_classes)
     )
     summary["history"] = history
     return summary

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg import data as data_lib
-from flaxseg import models
+from flaxseg import losses, models
 from flaxseg.configs import models as model_configs
 from flaxseg.models import adversarial as adversarial_models
-from flaxseg.training import losses, optim, sharding
+from flaxseg.serving.restore import DTYPES
+from flaxseg.training import optim, sharding
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Constructor arguments that change only how a model computes, not which arrays it has.
 COMPUTE_ONLY_KWARGS = ("dtype", "remat")
 # Architecture facts in words, for the sentences that refuse a mismatch.
@@ -241,22 +241,6 @@ def model_spec(config) -> dict:
     return spec
 
 
-def build_model(spec: dict, dtype=jnp.float32, remat: bool = False):
-    """The model of ``spec`` computing in ``dtype``, rematerialising its backbone's units with
-    ``remat`` (specs written before ``in_channels`` and ``param_dtype`` were recorded get the
-    defaults, 3 and float32)."""
-    kwargs = dict(spec["model_kwargs"])
-    if remat:
-        kwargs["remat"] = True
-    if spec.get("backbone"):
-        kwargs["backbone"] = spec["backbone"]
-    kwargs.setdefault("in_channels", int(spec.get("in_channels", 3)))
-    kwargs["param_dtype"] = jnp.dtype(kwargs.get("param_dtype", spec.get("param_dtype", "float32")))
-    return models.create_model(
-        spec["model"], num_classes=spec["num_classes"], dtype=dtype, **kwargs
-    )
-
-
 def dtype_name(dtype) -> str:
     """'float32', 'bfloat16', ... for a dtype or its name."""
     return jnp.dtype(dtype).name
@@ -294,12 +278,3 @@ def spec_differences(saved_spec: dict, requested_spec: dict, facts=None) -> dict
         for key in FACT_NAMES
         if (facts is None or key in facts) and saved[key] != requested[key]
     }
-
-
-def class_names(dataset: str, num_classes: int):
-    """The dataset's class names when the model predicts its classes, else None."""
-    if dataset in data_lib.DATASETS:
-        names = data_lib.dataset_info(dataset).class_names
-        if len(names) == num_classes:
-            return list(names)
-    return None

@@ -116,7 +116,7 @@ def train_step(
     """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
 
     `loss_fn(logits, labels) -> (total, {name: term})` is the configured loss
-    (`flaxseg.training.losses.build_loss`); auxiliary logits that a model sows into the 'aux'
+    (`flaxseg.losses.build_loss`); auxiliary logits that a model sows into the 'aux'
     collection add `aux_loss_weight` × the same loss of each. Metrics: 'loss' (the optimised
     total), one entry per loss term of the main output (named after the loss, e.g.
     'cross_entropy', 'dice'), 'aux_loss' and 'pixel_accuracy'.

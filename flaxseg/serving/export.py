@@ -1,6 +1,6 @@
 """Serialising a trained model's inference function (export.py).
 
-The exported function is `prediction.inference_function` with the restored variables baked in
+The exported function is `predict.inference_function` with the restored variables baked in
 as constants: uint8 [B, H, W, 3] RGB in, float32 logits [B, H, W, C] out, the training
 normalisation included. It is written with `jax.export` as serialised StableHLO (the file is
 exactly ``Exported.serialize()``, readable by ``jax.export.deserialize``), with a symbolic batch
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxseg.constants import IMAGENET_MEAN, IMAGENET_STD
-from flaxseg.training import prediction
+from flaxseg.serving import predict, restore
 
 # What tracing a model with symbolic shapes raises where its Python code needs a concrete size.
 _SHAPE_ERRORS = (
@@ -74,7 +74,7 @@ def export_inference(
     check_export_flags(height, width, batch_size, platforms)
     platforms = None if platforms is None else tuple(platforms)
     constants = jax.device_get(variables)
-    logits_fn = prediction.inference_function(model)
+    logits_fn = predict.inference_function(model)
     exporter = jax.export.export(
         jax.jit(lambda images: logits_fn(constants, images)), platforms=platforms
     )
@@ -130,7 +130,7 @@ def export_workdir(
     check_export_flags(height, width, batch_size, platforms)
     if saved_model:
         _import_tensorflow()  # fail before the work when TensorFlow is missing
-    restored = prediction.restore_for_inference(workdir, checkpoint)
+    restored = restore.restore_model(workdir, checkpoint, rgb=True)
     spec = restored["spec"]
     exported = export_inference(
         restored["model"],
@@ -183,7 +183,7 @@ def write_saved_model(model, variables, directory, input_shape) -> None:
     if len(dims) == 3 and not isinstance(input_shape[1], int):
         dims[1:3] = ["h", "w"]
     converted = jax2tf.convert(
-        prediction.inference_function(model),
+        predict.inference_function(model),
         polymorphic_shapes=[None, f"({', '.join(dims)}, 3)"],
     )
     tf_variables = tf.nest.map_structure(tf.Variable, jax.device_get(variables))

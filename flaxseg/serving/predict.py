@@ -17,10 +17,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from flaxseg import data as data_lib
 from flaxseg import inference
-from flaxseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from flaxseg.inference.crf import dense_crf
-from flaxseg.training import evaluation
-from flaxseg.training import spec as spec_lib
+from flaxseg.serving import restore
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -28,43 +26,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # ----------------------------------------------------------------------------- the model
 
 
-def normalise(images: jax.Array) -> jax.Array:
-    """uint8 RGB [..., 3] → float32 ((x / 255) − mean) / std with the ImageNet statistics the
-    input pipeline trains with (flaxseg.data.pipeline)."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
 def inference_function(model):
     """``fn(variables, images) -> logits``: uint8 [B, H, W, 3] in, float32 [B, H, W, C] out,
     normalisation included; what predict.py runs and export.py serialises."""
 
     def logits_fn(variables, images):
-        logits = model.apply(variables, normalise(images), train=False)
+        logits = model.apply(variables, data_lib.normalise(images), train=False)
         return logits.astype(jnp.float32)
 
     return logits_fn
-
-
-def restore_for_inference(workdir, checkpoint: str = "latest") -> dict:
-    """`evaluation.restore_model` plus what prediction needs: {'step', 'config', 'spec',
-    'model', 'variables', 'class_names' (one per class), 'colormap' (uint8 [256, 3])}."""
-    restored = evaluation.restore_model(workdir, checkpoint)
-    channels = getattr(restored["model"], "in_channels", 3)
-    if channels != 3:
-        raise ValueError(
-            f"Prediction and export take RGB images, but the model of --workdir={workdir} takes "
-            f"{channels} input channels."
-        )
-    config, num_classes = restored["config"], restored["spec"]["num_classes"]
-    names = spec_lib.class_names(config.dataset, num_classes)
-    restored["class_names"] = names or [f"class_{i}" for i in range(num_classes)]
-    if config.dataset in data_lib.DATASETS:
-        restored["colormap"] = np.asarray(data_lib.dataset_info(config.dataset).colormap())
-    else:
-        restored["colormap"] = data_lib.voc_colormap()
-    return restored
 
 
 # ----------------------------------------------------------------------------- input files
@@ -219,7 +189,7 @@ def predict_files(
                     f"--out={out_dir} would overwrite the input image {out_dir / output}; "
                     "write the predictions to another folder."
                 )
-    restored = restore_for_inference(workdir, checkpoint)
+    restored = restore.restore_model(workdir, checkpoint, rgb=True)
     num_classes = restored["spec"]["num_classes"]
     if num_classes > 256:
         raise ValueError(f"A palette PNG holds at most 256 classes; the model has {num_classes}.")
@@ -275,7 +245,7 @@ def _jit_predict(model, scales, flip, window, overlap):
             return jax.nn.softmax(logits, axis=-1), jnp.argmax(logits, axis=-1)
         probs = inference.predict_probs(
             lambda x: model.apply(variables, x, train=False),
-            normalise(images),
+            data_lib.normalise(images),
             scales=scales,
             flip=flip,
             window=window,
