@@ -23,7 +23,7 @@ RANK = {
     "training": 7,
     "configs": 6,
     "serving": 5,
-    "export": 5,
+    "export": 6,  # the alias of serving.loader kept for `flaxseg.export.load`
     "data": 4,
     "weights": 3,
     "models": 2,
