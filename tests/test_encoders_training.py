@@ -7,7 +7,6 @@ input pipeline and jitted train step), with the encoder as the model's backbone 
 batch must drop within a few steps.
 """
 
-import json
 
 import jax
 import numpy as np
@@ -44,7 +43,7 @@ def test_encoder_trains_inside_the_model(model_name, encoder, data_dir):
     if model_name.endswith("_paper"):
         kwargs["head"] = "paper"
     config = tiny_config(name, data_dir)
-    config.model_kwargs = json.dumps(kwargs)
+    config.model.kwargs = kwargs
     mesh = create_mesh()
     model = spec.build_model(spec.model_spec(config))
     assert model.backbone == encoder
