@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import ml_collections
 from absl import flags, logging
 
 # train.py's shortcut flags, one row each: (flag, type, help, the config field it sets). A flag
-# left unset keeps the config's value. A dict-valued field (type dict) takes a JSON object,
-# merged into the config's dict (the flag's entries win); a field inside one
+# left unset keeps the config's value. A dict-valued field (DICT_FIELDS; type dict) takes a JSON
+# object, merged into the config's dict (the flag's entries win); an argument inside one
 # ("model.kwargs.output_stride") is merged in the same way.
 SHORTCUTS = (
     ("model", str, "Model name (flaxseg.models.list_models()).", "model.name"),
@@ -67,6 +66,8 @@ SHORTCUTS = (
     ("adv_weight", float, "Weight λ of the segmenter's adversarial loss.", "adv_weight"),
 )
 FIELDS = {flag: field for flag, _, _, field in SHORTCUTS}
+# The config fields that hold a dict of constructor arguments.
+DICT_FIELDS = ("model.kwargs", "adversary_kwargs")
 # The absl definer of each SHORTCUTS type (train.py defines the flags itself, so that --help
 # lists them under train.py).
 FLAG_DEFINERS = {
@@ -137,15 +138,14 @@ def parse_dict(value, flag: str) -> dict:
 
 def _assign(config, field: str, value, flag: str) -> None:
     head, _, leaf = field.rpartition(".")
+    if head in DICT_FIELDS:  # one argument of a dict-valued field ("model.kwargs.output_stride")
+        field, value = head, {leaf: value}
+        head, _, leaf = field.rpartition(".")
     parent = config
     for key in filter(None, head.split(".")):
         parent = parent[key]
-    current = parent.get(leaf)
-    if isinstance(current, ml_collections.ConfigDict):  # a dict-valued field: merged
-        value = {**current.to_dict(), **parse_dict(value, flag)}
-    elif head and leaf not in parent:  # an argument inside a dict-valued field
-        _assign(config, head, {leaf: value}, flag)
-        return
+    if field in DICT_FIELDS:  # merged into the config's dict
+        value = {**parent[leaf].to_dict(), **parse_dict(value, flag)}
     parent[leaf] = value
 
 
