@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxseg.configs import default  # noqa: E402
 from flaxseg.serving.restore import DTYPES, build_model  # noqa: E402
-from flaxseg.training import loop, sharding  # noqa: E402
+from flaxseg.training import cli, loop, sharding  # noqa: E402
 from flaxseg.training import spec as spec_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -64,16 +64,18 @@ def main(argv):
     del argv
     rows = []
     for name, overrides in VARIANTS:
-        config = default.get_config()
-        config.update(
-            model=FLAGS.model,
-            backbone=FLAGS.backbone,
-            model_kwargs=FLAGS.model_kwargs,
-            dataset="synthetic",
-            num_classes=FLAGS.num_classes,
-            crop_size=FLAGS.size,
-            batch_size=FLAGS.batch_size,
-            **overrides,
+        config = cli.apply_overrides(
+            default.get_config(),
+            {
+                "model": FLAGS.model,
+                "backbone": FLAGS.backbone,
+                "model_kwargs": FLAGS.model_kwargs,
+                "dataset": "synthetic",
+                "num_classes": FLAGS.num_classes,
+                "crop_size": FLAGS.size,
+                "batch_size": FLAGS.batch_size,
+                **overrides,
+            },
         )
         memory = compiled_memory(config)
         rows.append(

@@ -224,7 +224,7 @@ def analyse(devices: int, crop: int, batch: int, dtype: str, backbone: str, hlo_
 
     assert jax.device_count() == devices, (jax.device_count(), devices)
     config = deeplabv3plus_voc.get_config()
-    config.backbone = backbone
+    config.model.backbone = backbone
     config.weight_decay = 1e-4  # the recipe's ResNet-101 variant
     config.crop_size = crop
     config.batch_size = batch

@@ -132,6 +132,42 @@ def test_defaults_left_implicit_or_spelled_out_compare_equal(trained):
     assert build_model(old).in_channels == 3
 
 
+# What flaxseg wrote into a checkpoint's metadata before ``config.model`` was nested (commit
+# cbbf4a6, this module's tiny FCN-8s), as read from a run of that code: the spec's layout is
+# still today's; the config had flat model fields and JSON strings.
+OLD_MODEL_SPEC = {
+    "model": "fcn8s",
+    "num_classes": 21,
+    "backbone": "vgg16",
+    "in_channels": 3,
+    "param_dtype": "float32",
+    "model_kwargs": {"base_width": 4, "fc_channels": 16},
+}
+OLD_CONFIG_MODEL_FIELDS = {
+    "model": "fcn8s",
+    "backbone": "vgg16",
+    "model_kwargs": '{"base_width": 4, "fc_channels": 16}',
+    "output_stride": 0,
+    "adversary_kwargs": "{}",
+}
+
+
+def test_a_checkpoint_written_before_config_model_was_nested_restores(trained, tmp_path, capsys):
+    data_dir, workdir = trained
+    assert spec_lib.model_spec(spec_lib.resolve_config(_config(data_dir))) == OLD_MODEL_SPEC
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    meta_file = old / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"].update(OLD_CONFIG_MODEL_FIELDS)  # "model" was a dict: now the old string
+    meta["model_spec"] = OLD_MODEL_SPEC
+    meta_file.write_text(json.dumps(meta))
+    # eval.py (and predict.py / export.py, which restore the same way) and a resumed run.
+    assert evaluation.evaluate_workdir(old)["miou"] == evaluation.evaluate_workdir(workdir)["miou"]
+    summary = loop.train_and_evaluate(_config(data_dir, steps=3), old)
+    assert summary["step"] == 3 and "Resumed from" in capsys.readouterr().out
+
+
 def _drifted_copy(workdir: Path, target: Path) -> Path:
     """The run with its recorded spec saying fc_channels=8 while its arrays have 16: what a
     checkpoint looks like to code whose model changed since it was saved."""

@@ -7,8 +7,6 @@ input pipeline and jitted train step), with the encoder as the model's backbone 
 batch must drop within a few steps.
 """
 
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -45,7 +43,7 @@ def test_encoder_trains_inside_the_model(model_name, encoder, data_dir):
     if model_name.endswith("_paper"):
         kwargs["head"] = "paper"
     config = tiny_config(name, data_dir)
-    config.model_kwargs = json.dumps(kwargs)
+    config.model.kwargs = kwargs
     mesh = create_mesh()
     model = build_model(spec.model_spec(config))
     assert model.backbone == encoder

@@ -2,7 +2,6 @@
 use of them: exact sizes, equalities with plain inference, padded batches, bounded compiles."""
 
 import functools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -322,8 +321,8 @@ def test_eval_workdir_with_tta(tmp_path_factory):
     """A trained tiny DeepLab v1: one window covering every (160 px bucket) image gives plain
     inference's mIoU; scales and flip compile the eval step once for the one bucket."""
     config = default.get_config()
-    config.model = "deeplabv1"
-    config.model_kwargs = json.dumps(tiny_models.TINY_KWARGS["deeplabv1"])
+    config.model.name = "deeplabv1"
+    config.model.kwargs = tiny_models.TINY_KWARGS["deeplabv1"]
     config.dataset = "synthetic"
     config.data_dir = str(tmp_path_factory.mktemp("tfds"))
     config.crop_size = 48

@@ -72,7 +72,7 @@ for loss in ("cross_entropy", "cross_entropy+0.5*dice"):
                                      ("pmap", "pmap", mesh)):
         config = config_for(loss, parallel)
         model = models.create_model("unet", num_classes=5, dtype=jnp.float64,
-                                    param_dtype=jnp.float64, **json.loads(config.model_kwargs))
+                                    param_dtype=jnp.float64, **config.model.kwargs)
         tx, _ = loop.create_optimizer(config)
         state = loop.init_state(model, tx, config, run_mesh)
         step = loop.jit_train_step(config, run_mesh)

@@ -6,7 +6,6 @@ note, unreadable files are named and skipped, TTA and CRF are wired through.
 are restored too) for 2 steps on the synthetic set, once per pytest session.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +32,8 @@ def trained_workdir(tmp_path_factory) -> Path:
     workdir = root / "unet"
     if not (workdir / "checkpoints").is_dir():
         config = default.get_config()
-        config.model = "unet"
-        config.model_kwargs = json.dumps(tiny_models.TINY_KWARGS["unet"])
+        config.model.name = "unet"
+        config.model.kwargs = tiny_models.TINY_KWARGS["unet"]
         config.dataset = "synthetic"
         config.data_dir = str(root / "tfds")
         config.crop_size = 48

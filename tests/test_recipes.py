@@ -39,8 +39,8 @@ def data_dir(tmp_path_factory):
 
 def recipe_config(recipe: str, data_dir: str):
     config = importlib.import_module(f"flaxseg.configs.{recipe}").get_config()
-    backbone = config.backbone.replace("resnet101", "resnet50")
-    tiny = TINY.get(f"{config.model}_{backbone}", TINY[config.model])
+    backbone = config.model.backbone.replace("resnet101", "resnet50")
+    tiny = TINY.get(f"{config.model.name}_{backbone}", TINY[config.model.name])
     config = cli.apply_overrides(
         config,
         {

@@ -5,8 +5,6 @@ Tiny widths (tests/tiny_models.py), 48 px crops. The loss check overfits one rea
 synthetic pipeline for a few steps: with working gradients, the loss on that batch must drop.
 """
 
-import json
-
 import jax
 import numpy as np
 import pytest
@@ -26,8 +24,8 @@ def data_dir(tmp_path_factory):
 
 def tiny_config(name, data_dir):
     config = default.get_config()
-    config.model = name
-    config.model_kwargs = json.dumps(tiny_models.TINY_KWARGS[name])
+    config.model.name = name
+    config.model.kwargs = tiny_models.TINY_KWARGS[name]
     config.dataset = "synthetic"
     config.data_dir = data_dir
     config.crop_size = 48

@@ -10,7 +10,6 @@ loop does on CPU with ``--config.remat=True`` (``loop.remat_compiler_options``).
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -141,9 +140,7 @@ def test_train_with_remat_and_resume_without(data_dir, tmp_path):
     # test_registry_training's tiny DeepLab v3+ run, on the smallest ResNet (fewer units to
     # compile).
     config = tiny_config("deeplabv3plus", data_dir)
-    config.model_kwargs = json.dumps(
-        {**tiny_models.TINY_KWARGS["deeplabv3plus"], "backbone": "resnet18"}
-    )
+    config.model.kwargs = {**tiny_models.TINY_KWARGS["deeplabv3plus"], "backbone": "resnet18"}
     config.remat = True
     if jax.default_backend() == "cpu":  # the step keeps the recomputation (module docstring)
         assert loop.remat_compiler_options(config) == KEEP_REMAT
@@ -158,7 +155,7 @@ def test_train_with_remat_and_resume_without(data_dir, tmp_path):
 
 def test_remat_must_be_a_bool():
     config = default.get_config()
-    config.model, config.dataset, config.num_classes = "fcn8s", "synthetic", 3
+    config.model.name, config.dataset, config.num_classes = "fcn8s", "synthetic", 3
     with config.unlocked():
         del config.remat
         config.remat = "yes"

@@ -15,7 +15,7 @@ import pytest
 
 from flaxseg.configs import default
 from flaxseg.serving import checkpoints
-from flaxseg.training import evaluation, loop
+from flaxseg.training import cli, evaluation, loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
@@ -27,10 +27,13 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, **overrides):
+    """A tiny FCN-8s on the synthetic set; ``overrides`` are train.py's flag names or config
+    fields, applied as train.py applies them, except that ``model_kwargs`` replaces the tiny
+    FCN's arguments instead of joining them."""
     config = default.get_config()
-    config.model = "fcn8s"
-    config.backbone = "vgg16"
-    config.model_kwargs = TINY_FCN
+    config.model.name = "fcn8s"
+    config.model.backbone = "vgg16"
+    config.model.kwargs = {} if "model_kwargs" in overrides else json.loads(TINY_FCN)
     config.dataset = "synthetic"
     config.data_dir = data_dir
     config.crop_size = 64
@@ -42,9 +45,7 @@ def tiny_config(data_dir, **overrides):
     config.eval_every = 1000
     config.checkpoint_every = 6
     config.progress_bar = False
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return cli.apply_overrides(config, overrides)
 
 
 def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):

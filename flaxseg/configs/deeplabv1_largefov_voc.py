@@ -17,9 +17,9 @@ from flaxseg.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "deeplabv1"
-    config.backbone = "vgg16"
-    config.output_stride = 8
+    config.model.name = "deeplabv1"
+    config.model.backbone = "vgg16"
+    config.model.kwargs = {"output_stride": 8}
     config.crop_size = 321
     config.min_scale = config.max_scale = 1.0
     config.batch_size = 20

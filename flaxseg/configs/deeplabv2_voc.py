@@ -13,8 +13,6 @@ Deviation: torchvision's ImageNet ResNet-101 (v1.5, stride in the 3×3 conv) ins
 MSRA Caffe ResNet-101 (stride in the 1×1 conv), unless a converted Caffe file is given.
 """
 
-import json
-
 from flaxseg.configs import default
 
 # BatchNorm scale/offset of the ResNet backbone (bn1..bn3 of every unit, the stem's bn1, the
@@ -24,10 +22,13 @@ RESNET_BATCHNORM = r"^backbone/(.*/)?(bn\d|downsample_1|stem_\d)/(scale|bias)$"
 
 def get_config():
     config = default.get_config()
-    config.model = "deeplabv2"
-    config.backbone = "resnet101"
-    config.model_kwargs = json.dumps({"input_scales": [1.0, 0.75, 0.5], "frozen_batchnorm": True})
-    config.output_stride = 8
+    config.model.name = "deeplabv2"
+    config.model.backbone = "resnet101"
+    config.model.kwargs = {
+        "input_scales": [1.0, 0.75, 0.5],
+        "frozen_batchnorm": True,
+        "output_stride": 8,
+    }
     config.aux_loss_weight = 1.0
     config.crop_size = 321
     config.min_scale, config.max_scale = 0.5, 1.5

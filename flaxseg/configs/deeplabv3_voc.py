@@ -17,9 +17,9 @@ from flaxseg.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "deeplabv3"
-    config.backbone = "resnet101"
-    config.output_stride = 16
+    config.model.name = "deeplabv3"
+    config.model.backbone = "resnet101"
+    config.model.kwargs = {"output_stride": 16}
     config.crop_size = 513
     config.batch_size = 16
     config.steps = 30_000

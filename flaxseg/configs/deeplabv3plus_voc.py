@@ -17,9 +17,9 @@ from flaxseg.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "deeplabv3plus"
-    config.backbone = "xception65"
-    config.output_stride = 16
+    config.model.name = "deeplabv3plus"
+    config.model.backbone = "xception65"
+    config.model.kwargs = {"output_stride": 16}
     config.crop_size = 513
     config.batch_size = 16
     config.steps = 30_000

@@ -5,7 +5,8 @@ crop 513, batch 16, SGD momentum 0.9, poly lr 0.007 (power 0.9), weight decay 1e
 
 `python train.py --model=X` trains with this file; `--config=flaxseg/configs/<recipe>.py` picks a
 paper's recipe instead (each recipe starts from this file and changes what its paper changes).
-train.py's flags override the common fields; every field is `--config.<field>=<value>`.
+train.py's flags override the common fields (flaxseg/training/cli.py's SHORTCUTS says which field
+each sets); every field is `--config.<field>=<value>`, e.g. `--config.model.backbone=resnet50`.
 """
 
 import ml_collections
@@ -17,13 +18,17 @@ from flaxseg.constants import IGNORE_LABEL
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Model.
-    config.model = "fcn8s"
-    config.backbone = ""  # '' = the model's default backbone
-    # JSON dict of extra constructor arguments, e.g. '{"base_width": 16}'. The --model_kwargs
-    # flag is merged into a recipe's dict (flag entries win).
-    config.model_kwargs = "{}"
-    config.output_stride = 0  # DeepLab / PSPNet models: 8, 16 or 32; 0 = the model's default
+    # Model: what `flaxseg.models.create_model(**config.model, num_classes=..., dtype=...)` builds
+    # (flaxseg/training/spec.py does exactly that, through the spec recorded in checkpoints).
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "fcn8s"  # a name of flaxseg.models.list_models(); flag --model
+    config.model.backbone = ""  # '' = the model's default backbone; flag --backbone
+    # Further constructor arguments, a dict, e.g. {"base_width": 16} or, for DeepLab / PSPNet
+    # models, {"output_stride": 8} (8, 16 or 32; absent = the model's default). The
+    # --model_kwargs='{...}' flag (JSON) and --output_stride are merged into a recipe's dict
+    # (flag entries win); --config.model.kwargs.<name>=<value> changes an argument the recipe
+    # already sets.
+    config.model.kwargs = {}
     config.pretrained = ""  # backbone weights file (.pth/.pt/.safetensors; flaxseg.weights)
     # Workdir of another run whose latest checkpoint initialises every parameter of this model
     # with the same path and shape (FCN's staged training: 16s from 32s, 8s from 16s).
@@ -90,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     # adversary's input encoding 'basic', 'product' or 'scaling'.
     config.adversarial = ""
     config.adversary = "largefov"  # flaxseg.models.adversarial.list_adversaries()
-    config.adversary_kwargs = "{}"  # JSON dict, e.g. '{"width": 0.25}'
+    config.adversary_kwargs = {}  # the adversary's constructor arguments, e.g. {"width": 0.25}
     config.adv_weight = 0.1  # λ of the segmenter's adversarial term
     config.adv_tau = 0.9  # 'scaling': least mass on the true class of a ground-truth map
     config.adv_optimizer = "adam"  # 'adam' or 'sgd' (momentum = config.momentum)

@@ -23,8 +23,8 @@ CAFFE_PIXELS_PER_IMAGE = 500 * 375
 
 def get_config():
     config = default.get_config()
-    config.model = "fcn32s"
-    config.backbone = "vgg16"
+    config.model.name = "fcn32s"
+    config.model.backbone = "vgg16"
     config.dataset = "voc2012_aug"
     config.crop_size = 512
     config.min_scale = config.max_scale = 1.0

@@ -14,6 +14,6 @@ from flaxseg.configs import fcn32s_voc
 
 def get_config():
     config = fcn32s_voc.get_config()
-    config.model = "fcn8s"
+    config.model.name = "fcn8s"
     config.lr = 1e-14 * fcn32s_voc.CAFFE_PIXELS_PER_IMAGE
     return config

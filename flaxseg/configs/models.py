@@ -1,13 +1,12 @@
 """Per-model training defaults.
 
 Fields that differ between architectures (learning rate, auxiliary-loss weight) are left unset
-(None) in default.py; `resolve(config)` fills them from here for `config.model` (and its model
-arguments), unless the user or a recipe set them. The train step never knows which model it
-trains.
+(None) in default.py; `resolve(config)` fills them from here for `config.model.name` (and its
+arguments, `config.model.kwargs`), unless the user or a recipe set them. The train step never
+knows which model it trains.
 """
 
 import copy
-import json
 
 # Used for every model unless its entry says otherwise.
 COMMON = {"lr": 0.007, "aux_loss_weight": 0.4}
@@ -45,13 +44,7 @@ def defaults_for(model: str, model_kwargs: dict | None = None) -> dict:
 def resolve(config):
     """Returns a copy of `config` with every unset model-dependent field filled for config.model."""
     config = copy.deepcopy(config)
-    try:
-        kwargs = json.loads(config.model_kwargs) if isinstance(config.model_kwargs, str) else {}
-    except json.JSONDecodeError:
-        kwargs = {}  # reported by the loop's validation with the flag's name
-    for field, value in defaults_for(
-        config.model, kwargs if isinstance(kwargs, dict) else {}
-    ).items():
+    for field, value in defaults_for(config.model.name, dict(config.model.kwargs)).items():
         if config[field] is None:
             config[field] = value
     return config

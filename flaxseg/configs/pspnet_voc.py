@@ -17,9 +17,9 @@ from flaxseg.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "pspnet"
-    config.backbone = "resnet50"
-    config.output_stride = 8
+    config.model.name = "pspnet"
+    config.model.backbone = "resnet50"
+    config.model.kwargs = {"output_stride": 8}
     config.aux_loss_weight = 0.4
     config.crop_size = 473
     config.batch_size = 16

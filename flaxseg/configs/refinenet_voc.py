@@ -16,8 +16,8 @@ from flaxseg.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "refinenet"
-    config.backbone = "resnet101"
+    config.model.name = "refinenet"
+    config.model.backbone = "resnet101"
     config.crop_size = 500
     config.batch_size = 6
     config.steps = 30_000

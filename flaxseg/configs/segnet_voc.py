@@ -17,8 +17,8 @@ from flaxseg.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "segnet"
-    config.backbone = "vgg16_bn"
+    config.model.name = "segnet"
+    config.model.backbone = "vgg16_bn"
     config.crop_size = 321
     config.batch_size = 8
     config.steps = 40_000

@@ -12,16 +12,14 @@ weight decay 5e-4, random scale 0.5–2.0 and flips; the paper's border-weight m
 counterpart.
 """
 
-import json
-
 from flaxseg.configs import default
 
 
 def get_config():
     config = default.get_config()
-    config.model = "unet"
-    config.backbone = "unet"
-    config.model_kwargs = json.dumps({"dropout_rate": 0.5})
+    config.model.name = "unet"
+    config.model.backbone = "unet"
+    config.model.kwargs = {"dropout_rate": 0.5}
     config.crop_size = 512
     config.batch_size = 1
     config.steps = 60_000

@@ -78,12 +78,24 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    backbone: str = "",
+    kwargs: Mapping[str, Any] | None = None,
+    **more: Any,
+) -> nn.Module:
     """Build the registered model ``name`` with ``num_classes`` outputs.
 
-    ``kwargs`` go to the model's constructor (``backbone``, ``dtype``, width knobs, ...).
+    ``backbone`` ('' = the model's default), the ``kwargs`` mapping and ``more`` go to the
+    model's constructor (``dtype``, width knobs, ...), so a training config's model group
+    builds with ``create_model(**config.model, num_classes=21)``.
     """
     check_choice(name, list_models(), "model")
+    kwargs = {**(kwargs or {}), **more}
+    if backbone:
+        kwargs["backbone"] = backbone
     constructor = _MODELS[name]
     module_class = getattr(constructor, "func", constructor)  # registry entries may be partials
     accepted = {field.name for field in dataclasses.fields(module_class)} - {"parent", "name"}

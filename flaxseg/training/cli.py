@@ -1,11 +1,81 @@
 """Shared set-up for the absl entry points (train.py, eval.py)."""
 
+import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-from absl import logging
+from absl import flags, logging
+
+# train.py's shortcut flags, one row each: (flag, type, help, the config field it sets). A flag
+# left unset keeps the config's value. A dict-valued field (DICT_FIELDS; type dict) takes a JSON
+# object, merged into the config's dict (the flag's entries win); an argument inside one
+# ("model.kwargs.output_stride") is merged in the same way.
+SHORTCUTS = (
+    ("model", str, "Model name (flaxseg.models.list_models()).", "model.name"),
+    ("backbone", str, "Backbone name; default: the model's own.", "model.backbone"),
+    (
+        "model_kwargs",
+        dict,
+        "JSON dict of extra model arguments, merged into the config's, e.g. "
+        "'{\"base_width\": 16}'.",
+        "model.kwargs",
+    ),
+    ("dataset", str, "Dataset name (flaxseg.data.list_datasets()).", "dataset"),
+    ("data_dir", str, "TFDS data_dir.", "data_dir"),
+    ("manual_dir", str, "Folder holding the dataset's archives or folders.", "manual_dir"),
+    ("steps", int, "Number of training steps.", "steps"),
+    ("batch_size", int, "Global batch size.", "batch_size"),
+    ("crop_size", int, "Square training crop size in pixels.", "crop_size"),
+    ("lr", float, "Base learning rate.", "lr"),
+    (
+        "output_stride",
+        int,
+        "Output stride (DeepLab/PSPNet models): 8, 16 or 32.",
+        "model.kwargs.output_stride",
+    ),
+    (
+        "pretrained",
+        str,
+        "Backbone weights (.pth/.pt/.safetensors, torchvision/timm).",
+        "pretrained",
+    ),
+    (
+        "init_from",
+        str,
+        "Workdir of another run whose matching parameters start this one.",
+        "init_from",
+    ),
+    ("seed", int, "Random seed (initialisation, data order, augmentation, dropout).", "seed"),
+    (
+        "adversarial",
+        str,
+        "Adversarial training with this input encoding: basic, product, scaling.",
+        "adversarial",
+    ),
+    ("adversary", str, "Adversary network (flaxseg.models.adversarial).", "adversary"),
+    (
+        "parallel",
+        str,
+        "Data parallelism: 'jit' (one program over the device mesh, the default) or 'pmap' "
+        "(jax.pmap with cross-device sums and synchronised BatchNorm; the same update).",
+        "parallel",
+    ),
+    ("adv_weight", float, "Weight λ of the segmenter's adversarial loss.", "adv_weight"),
+)
+FIELDS = {flag: field for flag, _, _, field in SHORTCUTS}
+# The config fields that hold a dict of constructor arguments.
+DICT_FIELDS = ("model.kwargs", "adversary_kwargs")
+# The absl definer of each SHORTCUTS type (train.py defines the flags itself, so that --help
+# lists them under train.py).
+FLAG_DEFINERS = {
+    str: flags.DEFINE_string,
+    dict: flags.DEFINE_string,  # JSON text
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+}
 
 
 def enable_compilation_cache() -> None:
@@ -39,21 +109,44 @@ def quiet_library_logs() -> None:
 
 
 def apply_overrides(config, overrides: dict):
-    """``config`` with the flags that were given (not None) written over it.
+    """``config`` with the overrides that were given (not None) written over it.
 
-    ``model_kwargs`` is merged into the config's (a recipe's model arguments stay unless the
-    flag names them), everything else replaces the config's value.
+    A key is a shortcut flag's name (``SHORTCUTS``: ``model``, ``model_kwargs``, ...) or a config
+    field (``adv_pretrain_steps``, ``model.backbone``). A dict-valued field takes a mapping or a
+    JSON object (parsed here, once, naming the flag when it is not one) and is merged into the
+    config's dict: a recipe's model arguments stay unless the flag names them.
     """
-    from flaxseg.training import spec
-
     config = config.copy_and_resolve_references()
     for name, value in overrides.items():
-        if value is None:
-            continue
-        if name == "model_kwargs":
-            value = spec.merge_model_kwargs(config.model_kwargs, value)
-        config[name] = value
+        if value is not None:
+            _assign(config, FIELDS.get(name, name), value, f"--{name}")
     return config
+
+
+def parse_dict(value, flag: str) -> dict:
+    """The dict of ``value``: a mapping, or the JSON object a flag gave as text."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{flag}={value!r} is not a JSON object: {error}.") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{flag}={value!r} is not a JSON object.")
+    return parsed
+
+
+def _assign(config, field: str, value, flag: str) -> None:
+    head, _, leaf = field.rpartition(".")
+    if head in DICT_FIELDS:  # one argument of a dict-valued field ("model.kwargs.output_stride")
+        field, value = head, {leaf: value}
+        head, _, leaf = field.rpartition(".")
+    parent = config
+    for key in filter(None, head.split(".")):
+        parent = parent[key]
+    if field in DICT_FIELDS:  # merged into the config's dict
+        value = {**parent[leaf].to_dict(), **parse_dict(value, flag)}
+    parent[leaf] = value
 
 
 def run_or_exit(program: str, fn, *args, **kwargs):
@@ -93,18 +186,54 @@ def unknown_config_field(error: Exception, argv: list[str]) -> None:
     from flaxseg.configs import default
 
     name = str(error).split("\\n")[0].strip("\"'\\")
-    given = next((a.split("=")[0] for a in argv if a.startswith(f"--config.{name}")), name)
-    fields = sorted(_flat_keys(default.get_config()))
-    close = difflib.get_close_matches(given.removeprefix("--config."), fields, n=3)
-    hint = f"; did you mean {', '.join('--config.' + c for c in close)}?" if close else "."
+    flags_given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    given = next(
+        (f for f in flags_given if f.startswith(f"--config.{name}")),
+        next((f for f in flags_given if f.endswith(f".{name}")), f"--config.{name}"),
+    )
+    field = given.removeprefix("--config.")
+    if field in FIELDS:  # a field that moved (--config.backbone is --config.model.backbone)
+        hint = f"; use --{field} (it sets --config.{FIELDS[field]})."
+    elif field.startswith("model.kwargs."):  # an argument the config does not set yet
+        argument = field.removeprefix("model.kwargs.")
+        hint = f"; set a new model argument with --model_kwargs='{{\"{argument}\": ...}}'."
+    else:
+        fields = sorted(_flat_keys(default.get_config()))
+        close = difflib.get_close_matches(field, fields, n=3)
+        hint = f"; did you mean {', '.join('--config.' + c for c in close)}?" if close else "."
     print(f"{Path(argv[0]).name}: error: {given} names no config field{hint}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (app.run's ``flags_parser``), with one sentence for a
+    ``--config.<field>`` that names no field of a recipe given with ``--config=``."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        unknown_config_field(error, argv)
+
+
+def check_config_groups(argv: list[str]) -> None:
+    """Exit with one sentence for ``--config.model=<name>``: ``config.model`` is a group (name,
+    backbone, kwargs), which ml_collections would try to parse as a dict."""
+    given = next((a for a in argv if a.startswith("--config.model=")), None)
+    if given:
+        value = given.split("=", 1)[1]
+        print(
+            f"{Path(argv[0]).name}: error: --config.model is a group (name, backbone, kwargs); "
+            f"use --model={value} or --config.model.name={value}.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def _flat_keys(config, prefix: str = "") -> list[str]:
     keys = []
     for key, value in config.items():
-        if hasattr(value, "items"):
+        if hasattr(value, "items") and value:
             keys += _flat_keys(value, f"{prefix}{key}.")
         else:
             keys.append(f"{prefix}{key}")

@@ -156,7 +156,7 @@ def init_state(model, tx, config, mesh):
                     rng=jax.random.fold_in(rng, 1),
                     tx=adversary_optimizer(config),
                     dtype=restore.DTYPES[config.dtype],
-                    **spec_lib.parse_model_kwargs(config.adversary_kwargs),
+                    **config.adversary_kwargs.to_dict(),
                 )
             )
         return state
@@ -257,7 +257,7 @@ def train_and_evaluate(config, workdir, *, stop_at_step: Optional[int] = None) -
     state = init_state(model, tx, config, mesh)
     reporting.say(f"Workdir: {workdir.absolute()} (checkpoints/, tensorboard/).")
     reporting.say(
-        f"{config.model}: {models.count_params(state.params):,} parameters, "
+        f"{config.model.name}: {models.count_params(state.params):,} parameters, "
         f"{jax.device_count()} device(s), global batch {config.batch_size}, loss {config.loss}"
     )
     if config.param_groups:

@@ -7,6 +7,10 @@ specs are compared on: the facts that decide the checkpoint's arrays, with defau
 so that a spec written before a field existed, or one that leaves a default implicit, compares
 equal to one that spells it out.
 
+The configuration's side is ``config.model`` (name, backbone, kwargs: a dict, parsed once by
+train.py's flags); the spec splits ``in_channels`` and ``param_dtype`` out of the kwargs, and
+``build_model`` hands the rest to ``models.create_model``, the one constructor.
+
 Dtypes: ``param_dtype`` (the dtype of the stored parameters, float32 unless
 ``--model_kwargs='{"param_dtype": ...}'``) is part of the architecture: restoring arrays of
 another parameter dtype is refused. The compute dtype (``--config.dtype``) is not: a run
@@ -16,7 +20,6 @@ choice, not part of the spec: a run may be resumed with or without it.
 """
 
 import functools
-import json
 import math
 
 import jax
@@ -54,10 +57,9 @@ def resolve_config(config):
 
 def validate_config(config) -> None:
     """One clear sentence for each setting a user can get wrong, before anything is written."""
-    if config.model not in models.list_models():
-        raise ValueError(
-            f"Unknown --model={config.model!r}; available: {', '.join(models.list_models())}."
-        )
+    name = config.model.name
+    if name not in models.list_models():
+        raise ValueError(f"Unknown --model={name!r}; available: {', '.join(models.list_models())}.")
     if config.dataset not in data_lib.DATASETS:
         raise ValueError(
             f"Unknown --dataset={config.dataset!r}; available: "
@@ -111,7 +113,7 @@ def validate_config(config) -> None:
     )
     optim.validate_param_groups(config.param_groups)
     create_loss(config)  # an unknown loss, a malformed expression, bad class weights
-    check_model_kwargs(model_kwargs(config))
+    check_model_kwargs(dict(config.model.kwargs))
     if config.adversarial:
         validate_adversarial(config)
 
@@ -150,7 +152,6 @@ def validate_adversarial(config) -> None:
         )
     if config.adv_updates < 1:
         raise ValueError(f"--config.adv_updates must be at least 1, got {config.adv_updates}.")
-    parse_model_kwargs(config.adversary_kwargs, "--config.adversary_kwargs")
 
 
 def create_loss(config):
@@ -165,28 +166,6 @@ def create_loss(config):
         ohem_min_kept=config.ohem_min_kept,
         focal_gamma=config.focal_gamma,
     )
-
-
-def parse_model_kwargs(text, flag: str = "--model_kwargs") -> dict:
-    """The JSON object of model arguments in ``text`` (a str or already a mapping)."""
-    if not isinstance(text, str):
-        return dict(text)
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{flag}={text!r} is not a JSON object: {error}.") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{flag}={text!r} is not a JSON object.")
-    return kwargs
-
-
-def merge_model_kwargs(base, override) -> str:
-    """``base`` model arguments (a recipe's) updated by ``override`` (the flag's), as JSON."""
-    return json.dumps({**parse_model_kwargs(base), **parse_model_kwargs(override)})
-
-
-def model_kwargs(config) -> dict:
-    return parse_model_kwargs(config.model_kwargs)
 
 
 def check_model_kwargs(kwargs: dict) -> None:
@@ -220,14 +199,15 @@ def check_input_channels(dataset: str, in_channels: int, model: str) -> None:
 
 
 def model_spec(config) -> dict:
-    """What identifies the architecture: recorded in every checkpoint, used to rebuild the model."""
-    kwargs = model_kwargs(config)
-    if config.output_stride:
-        kwargs["output_stride"] = int(config.output_stride)
+    """What identifies the architecture, from ``config.model``: recorded in every checkpoint, used
+    to rebuild the model. The layout is the one checkpoints had before ``config.model`` was
+    nested (``model_kwargs`` holds the constructor arguments, output_stride included), so those
+    restore as they are."""
+    kwargs = json_values(config.model.kwargs.to_dict())
     spec = {
-        "model": config.model,
+        "model": config.model.name,
         "num_classes": int(config.num_classes),
-        "backbone": config.backbone or None,
+        "backbone": config.model.backbone or None,
         "in_channels": int(kwargs.pop("in_channels", 3)),
         "param_dtype": dtype_name(kwargs.pop("param_dtype", "float32")),
         "model_kwargs": kwargs,
@@ -236,9 +216,19 @@ def model_spec(config) -> dict:
         spec["adversarial"] = {
             "encoding": config.adversarial,
             "adversary": config.adversary,
-            "adversary_kwargs": parse_model_kwargs(config.adversary_kwargs),
+            "adversary_kwargs": json_values(config.adversary_kwargs.to_dict()),
         }
     return spec
+
+
+def json_values(value):
+    """``value`` as it reads back from a checkpoint's JSON (tuples become lists), so that the
+    spec of a config compares equal to the spec it recorded."""
+    if isinstance(value, dict):
+        return {key: json_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_values(item) for item in value]
+    return value
 
 
 def dtype_name(dtype) -> str:
