@@ -28,7 +28,8 @@ architecture tables and state-dict fingerprints from the encoder registry
 One module per job:
   io.py                reading state dicts (``load_state_dict``) and ``WeightsError``
   detect.py            which network a state dict is (``detect_architecture``)
-  convert.py           the strict converter along a key map (``convert_state_dict``)
+  convert.py           the strict converter along a key map (``convert_state_dict``), and
+                       any registered encoder from its twin's state dict (``convert_encoder``)
   torchvision_timm.py  torchvision and timm models (``convert_torchvision``, ``convert_timm``)
   smp.py               whole segmentation_models_pytorch models (``convert_smp``)
   pretrained.py        a model's backbone from an ImageNet file (``load_pretrained_backbone``,
@@ -40,7 +41,7 @@ Every user error (missing or truncated file, wrong architecture, unknown ``arch`
 ``WeightsError`` (a ``ValueError``) with one message naming the file or the keys at fault.
 """
 
-from flaxseg.weights.convert import convert_state_dict
+from flaxseg.weights.convert import convert_encoder, convert_state_dict
 from flaxseg.weights.detect import detect_architecture
 from flaxseg.weights.io import WeightsError, load_state_dict
 from flaxseg.weights.pretrained import PretrainedReport, adapt_first_conv, load_pretrained_backbone
@@ -56,6 +57,7 @@ __all__ = [
     "PretrainedReport",
     "WeightsError",
     "adapt_first_conv",
+    "convert_encoder",
     "convert_smp",
     "convert_state_dict",
     "convert_timm",

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from flaxseg.models import backbones
 from flaxseg.weights.detect import detect_architecture
-from flaxseg.weights.io import WeightsError, as_state_dict, listing
+from flaxseg.weights.io import WeightsError, as_state_dict, describe_source, listing
 
 # ImageNet classifier entries a backbone checkpoint may carry; a backbone has no place for them.
 _CLASSIFIER_KEY = re.compile(r"^(fc|classifier|head\.fc)\.(weight|bias)$|^classifier\.\d+\.")
@@ -115,3 +116,45 @@ def variable_shapes(model, size: int = 64) -> dict[str, Any]:
     images = jnp.zeros((1, size, size, getattr(model, "in_channels", 3)))
     shapes = jax.eval_shape(model.init, jax.random.key(0), images)
     return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+
+
+def convert_encoder(
+    name: str,
+    state_dict: Mapping[str, Any] | str | os.PathLike,
+    *,
+    source: str | None = None,
+    dtype: Any = jnp.float32,
+    expected: str | None = None,
+    **create_kwargs: Any,
+):
+    """Build the registered encoder ``name`` and convert the state dict of its twin from weight
+    ``source`` (one of the encoder's ``key_maps``; default its first) along that key map.
+
+    The twin's ImageNet classifier (``fc``/``classifier``/``head.fc`` and the encoder's
+    ``head_key_prefixes``) is dropped; anything else that does not fit is one ``WeightsError``.
+    ``create_kwargs`` go to ``backbones.create`` (e.g. ``base_width`` of a test-size network).
+    Returns ``(module, variables)``: ``module.apply(variables, images)`` gives the features.
+    ``convert_torchvision`` and ``convert_timm`` call this for their encoders.
+    """
+    encoder = backbones.get(name)
+    source = source or next(iter(encoder.key_maps), None)
+    if source not in encoder.key_maps:
+        raise WeightsError(
+            f"Encoder {name!r} has no key map for weight source {source!r}; its sources: "
+            f"{', '.join(encoder.key_maps) or 'none'}."
+        )
+    source_text = describe_source(state_dict)
+    state_dict = as_state_dict(state_dict)
+    if encoder.head_key_prefixes:  # e.g. timm EfficientNet's conv_head/bn2 feed only the classifier
+        heads = encoder.head_key_prefixes
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+    model = backbones.create(name, dtype=dtype, **create_kwargs)
+    variables = convert_state_dict(
+        state_dict,
+        backbones.key_map(name, source),
+        variable_shapes(model),
+        ignore_classifier=True,
+        source=source_text,
+        expected=expected or f"{source}'s {encoder.source_name(source)!r}",
+    )
+    return model, variables

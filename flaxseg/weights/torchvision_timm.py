@@ -11,7 +11,7 @@ import numpy as np
 from flaxseg.models import backbones
 from flaxseg.models.deeplabv3 import DeepLabV3, torchvision_deeplabv3_key_map
 from flaxseg.models.fcn_resnet import FCNResNet, torchvision_fcn_resnet_key_map
-from flaxseg.weights.convert import convert_state_dict, variable_shapes
+from flaxseg.weights.convert import convert_encoder, convert_state_dict, variable_shapes
 from flaxseg.weights.detect import detect_architecture
 from flaxseg.weights.io import WeightsError, as_state_dict, describe_source
 
@@ -37,24 +37,6 @@ def torchvision_archs() -> tuple[str, ...]:
 def timm_archs() -> tuple[str, ...]:
     """The ``arch`` names ``convert_timm`` takes."""
     return tuple(_encoders("timm"))
-
-
-def _convert_encoder(arch, source, state_dict, dtype, source_text):
-    name = _encoders(source)[arch]
-    encoder = backbones.get(name)
-    model, key_map = backbones.create(name, dtype=dtype), backbones.key_map(name, source)
-    if encoder.head_key_prefixes:  # e.g. timm EfficientNet's conv_head/bn2 feed only the classifier
-        heads = encoder.head_key_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-    variables = convert_state_dict(
-        state_dict,
-        key_map,
-        variable_shapes(model),
-        ignore_classifier=True,
-        source=source_text,
-        expected=f"{source}'s {arch!r}",
-    )
-    return model, variables
 
 
 def _segmentation_num_classes(state_dict: Mapping[str, np.ndarray], arch: str, source: str) -> int:
@@ -88,10 +70,12 @@ def convert_torchvision(
         raise WeightsError(
             f"Unknown torchvision arch {arch!r}; supported: {', '.join(torchvision_archs())}."
         )
+    if arch in _encoders("torchvision"):
+        return convert_encoder(
+            _encoders("torchvision")[arch], state_dict, source="torchvision", dtype=dtype
+        )
     source = describe_source(state_dict)
     state_dict = as_state_dict(state_dict)
-    if arch in _encoders("torchvision"):
-        return _convert_encoder(arch, "torchvision", state_dict, dtype, source)
     family, backbone = arch.split("_")
     depth = int(backbone[len("resnet") :])
     num_classes = _segmentation_num_classes(state_dict, arch, source)
@@ -137,5 +121,4 @@ def convert_timm(
     """
     if arch not in timm_archs():
         raise WeightsError(f"Unknown timm arch {arch!r}; supported: {', '.join(timm_archs())}.")
-    source = describe_source(state_dict)
-    return _convert_encoder(arch, "timm", as_state_dict(state_dict), dtype, source)
+    return convert_encoder(_encoders("timm")[arch], state_dict, source="timm", dtype=dtype)
