@@ -291,7 +291,9 @@ def test_bad_names_and_output_stride_are_one_clear_error():
         backbones.create("efficientnet-b0", output_stride=4)
     with pytest.raises(ValueError, match=r"^output_stride must be one of 8, 16, 32, got 4\.$"):
         backbones.create("mobilenet_v2", output_stride=4)
-    with pytest.raises(ValueError, match=r"multi_grid needs a ResNet or Xception backbone"):
+    with pytest.raises(
+        ValueError, match=r"multi_grid needs an encoder that takes it \('resnet18', "
+    ):
         backbones.create("mobilenet_v2", multi_grid=(1, 2, 4))
     with pytest.raises(ValueError, match=r"Unknown EfficientNet arch 'efficientnet-b8'"):
         efficientnet.EfficientNet("efficientnet-b8")

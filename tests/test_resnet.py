@@ -268,9 +268,15 @@ def test_backbone_factory_builds_every_backbone_by_name():
     assert backbones.channels("resnet101") == {2: 64, 4: 256, 8: 512, 16: 1024, 32: 2048}
     for name in backbones.NAMES:  # channels() agrees with the modules it describes
         assert backbones.channels(name, 8) == backbones.create(name, base_width=8).out_channels
-    with pytest.raises(ValueError, match="deep_stem is a ResNet option"):
+    with pytest.raises(ValueError, match="deep_stem needs an encoder that takes it .*got 'vgg16'"):
         backbones.create("vgg16", deep_stem=True)
-    with pytest.raises(ValueError, match="multi_grid needs a ResNet or Xception"):
+    with pytest.raises(
+        ValueError,
+        match="multi_grid needs an encoder that takes it .*'xception65'\\), got 'vgg16_bn'",
+    ):
         backbones.create("vgg16_bn", multi_grid=(1, 2, 4))
-    with pytest.raises(ValueError, match="AlexNet has no dilated form"):
+    with pytest.raises(
+        ValueError,
+        match="Encoder 'alexnet' cannot give output stride 16; its output strides: 32\\.",
+    ):
         backbones.create("alexnet", output_stride=16)

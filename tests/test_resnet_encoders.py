@@ -365,7 +365,7 @@ def test_bad_arguments_are_one_clear_sentence():
         ValueError, match="dilation_style must be one of 'torchvision', 'smp', got 'mmseg'"
     ):
         backbones.create("resnet18", dilation_style="mmseg")
-    with pytest.raises(ValueError, match="dilation_style is a ResNet option"):
+    with pytest.raises(ValueError, match="dilation_style must be one of 'timm', got 'smp'"):
         backbones.create("xception65", dilation_style="smp")
     with pytest.raises(ValueError, match="No ResNet has depth 50 with groups=32 and width_per"):
         ResNet(depth=50, groups=32, width_per_group=8)

@@ -14,7 +14,7 @@ from model_helpers import random_variables
 from parity_helpers import import_torchvision, relative_error
 
 from flaxseg import models, weights
-from flaxseg.models import heads
+from flaxseg.models import backbones, heads
 
 import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import segmentation_models_pytorch as smp  # noqa: E402
@@ -178,7 +178,10 @@ def test_convert_smp_refuses_bad_input_in_one_sentence():
         r"model_name='DeepLabV3Plus'\.$",
     ):
         weights.convert_smp("Unet", "resnet18", state)
-    with pytest.raises(weights.WeightsError, match=r"^Unknown smp model 'FPN'; supported: Unet, "):
+    with pytest.raises(
+        weights.WeightsError,
+        match=r"^Unknown smp model 'FPN'; supported: DeepLabV3, DeepLabV3Plus, PSPNet, Unet\.$",
+    ):
         weights.convert_smp("FPN", "resnet18", state)
     with pytest.raises(weights.WeightsError, match=r"^Unknown smp encoder 'vgg16' for convert_smp"):
         weights.convert_smp("DeepLabV3Plus", "vgg16", state)
@@ -204,10 +207,14 @@ def test_paper_configurations_stay_the_defaults():
         models.create_model("pspnet", num_classes=2, head="mmseg")
     with pytest.raises(ValueError, match="has no auxiliary head"):
         models.create_model("pspnet", num_classes=2, head="smp", aux_head=True)
-    with pytest.raises(ValueError, match=r"^Unknown backbone 'xception65' for DeepLab v3\+; "):
+    with pytest.raises(
+        ValueError,
+        match=r"^Encoder 'xception65' cannot dilate smp's way, which DeepLab v3\+ needs; encoders "
+        r"that can: 'resnet18', ",
+    ):
         models.create_model("deeplabv3plus", num_classes=2, head="smp", backbone="xception65")
     model = models.create_model("deeplabv3", num_classes=2, head="smp", backbone="mobilenet_v2")
-    assert model.valid_backbones() == heads.SMP_ENCODERS
+    assert model.valid_backbones() == backbones.names("smp")
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,14 @@ def create_model(
     return constructor(num_classes=num_classes, **kwargs)
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The module class ``create_model(name, ...)`` builds (its class attributes: ``TITLE``,
+    ``encoder_needs``, ``SMP_TWIN``, ...)."""
+    check_choice(name, list_models(), "model")
+    constructor = _MODELS[name]
+    return getattr(constructor, "func", constructor)
+
+
 def count_params(variables_or_shapes: Mapping[str, Any]) -> int:
     """Number of scalars in the ``'params'`` collection of variables (or of their eval_shape).
 
@@ -117,4 +125,4 @@ def count_params(variables_or_shapes: Mapping[str, Any]) -> int:
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
 
 
-__all__ = ["count_params", "create_model", "list_models"]
+__all__ = ["count_params", "create_model", "list_models", "model_class"]

@@ -3,9 +3,11 @@ decoder (as torchvision's ``_SimpleSegmentationModel`` and smp's ``SegmentationM
 
 ``SegmentationModel`` holds the fields every model has (``num_classes``, ``in_channels``,
 ``dtype``, ``param_dtype``) and does, once for all of them:
-  - argument checks at construction: ``backbone`` against the class's ``BACKBONES`` (or
-    ``valid_backbones()``), ``output_stride`` where the model has one, ``num_classes`` ≥ 1,
-    ``in_channels`` ≥ 1, then the model's own ``check_arguments()``;
+  - argument checks at construction: ``backbone`` against what the model needs of its encoder
+    (``encoder_needs()``: the strides it reads, the output strides it dilates to, ...; any
+    registered encoder that gives them) or the names of ``BACKBONES`` (its own networks, e.g.
+    U-Net's 'unet', or one family's), ``output_stride`` where the model has one,
+    ``num_classes`` ≥ 1, ``in_channels`` ≥ 1, then the model's own ``check_arguments()``;
   - the input check: every subclass's ``__call__`` first checks that the images are NHWC with
     ``in_channels`` channels (``check_images``; wrapped in by ``__init_subclass__``, so no model
     file has to remember it and none can skip it);
@@ -27,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxseg.models import backbones
-from flaxseg.models.heads import FCNHead
+from flaxseg.models.backbones import Needs
+from flaxseg.models.heads import FCNHead, SMPTwin
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -45,7 +48,7 @@ class PretrainedBackbone:
     """Where a model keeps the ImageNet network that pretrained weights initialise.
 
     Attributes:
-      name: the backbone's name in ``backbones.NAMES`` ('resnet101', 'vgg16_bn', 'xception65').
+      name: a registered encoder's name ('resnet101', 'vgg16_bn', 'xception65').
       path: module path of the backbone in the model's variables (('backbone',), ('encoder',)).
       deep_stem: a ResNet with the three-conv stem (MMSegmentation's v1c keys).
       num_middle_units: Xception-65's middle-flow depth.
@@ -76,7 +79,10 @@ class SegmentationModel(nn.Module):
     float32.
 
     Subclasses declare their fields (all with defaults, including ``backbone``), set ``TITLE``
-    (the name errors use) and ``BACKBONES``, and write ``__call__(self, images, ...)``.
+    (the name errors use) and ``ENCODER_NEEDS`` (what they need of an encoder; or override
+    ``encoder_needs()`` where it depends on a field) and/or ``BACKBONES`` (backbone names they
+    take besides: their own networks, or one family's), and write ``__call__(self, images,
+    ...)``. A model that is an smp architecture's twin sets ``SMP_TWIN``.
 
     ``in_channels`` (default 3, RGB) is the images' channel count; the first convolution takes
     its input width from it. Pretrained RGB weights are adapted to it by
@@ -90,6 +96,8 @@ class SegmentationModel(nn.Module):
 
     TITLE: ClassVar[str] = "model"
     BACKBONES: ClassVar[tuple[str, ...]] = ()
+    ENCODER_NEEDS: ClassVar[Needs | None] = None
+    SMP_TWIN: ClassVar[SMPTwin | None] = None
 
     num_classes: int
     dtype: Dtype = jnp.float32
@@ -112,7 +120,12 @@ class SegmentationModel(nn.Module):
 
     def __post_init__(self):
         self.check_arguments()
-        check_choice(self.backbone, self.valid_backbones(), "backbone", self.TITLE)
+        needs = self.encoder_needs()
+        if needs is not None and self.backbone in backbones.names():
+            if self.backbone not in self.BACKBONES:
+                backbones.check_needs(self.backbone, needs, self.TITLE)
+        else:
+            check_choice(self.backbone, self.valid_backbones(), "backbone", self.TITLE)
         if getattr(self, "output_stride", None) is not None:
             check_output_stride(self.output_stride)
         check_at_least("num_classes", self.num_classes)
@@ -137,8 +150,15 @@ class SegmentationModel(nn.Module):
     def check_arguments(self) -> None:
         """The model's own argument checks (run before the shared ones)."""
 
+    def encoder_needs(self) -> Needs | None:
+        """What the model needs of an encoder (None: it takes only ``BACKBONES``)."""
+        return self.ENCODER_NEEDS
+
     def valid_backbones(self) -> tuple[str, ...]:
-        return self.BACKBONES
+        """``BACKBONES`` and every registered encoder that meets ``encoder_needs()``."""
+        needs = self.encoder_needs()
+        able = () if needs is None else backbones.able(needs)
+        return self.BACKBONES + tuple(name for name in able if name not in self.BACKBONES)
 
     def resolve_output_stride(self, output_stride: int | None, default: int = 32) -> int:
         """The ``output_stride`` given to ``apply`` if any, else the constructor's, else
@@ -183,4 +203,4 @@ class SegmentationModel(nn.Module):
     def pretrained_backbone(self) -> PretrainedBackbone | None:
         """The ImageNet network pretrained weights initialise, and where; None when the model
         has none (e.g. U-Net's own contracting path)."""
-        return PretrainedBackbone(self.backbone) if self.backbone in backbones.NAMES else None
+        return PretrainedBackbone(self.backbone) if self.backbone in backbones.names() else None

@@ -29,22 +29,23 @@ model resizes to the input's H×W at any size.
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones import DILATED
+from flaxseg.models.backbones import Needs
 from flaxseg.models.backbones.resnet import torchvision_resnet_key_map
 from flaxseg.models.base import SegmentationModel
 from flaxseg.models.heads import (
     ASPP,
     SMP_ATROUS_RATES,
-    SMP_ENCODERS,
+    SMPTwin,
     default_multi_grid,
     resize_bilinear_aligned,
     scale_atrous_rates,
     smp_aspp_key_map,
-    smp_dilation,
     torchvision_aspp_key_map,
     torchvision_fcn_head_key_map,
 )
@@ -65,7 +66,9 @@ class DeepLabV3(SegmentationModel):
 
     Attributes:
       num_classes: output channels.
-      backbone: 'resnet50', 'resnet101', 'resnet152' or 'xception65'.
+      backbone: an encoder with multi-grid that dilates to output stride 8 and 16 ('resnet50',
+        'resnet101', 'resnet152', 'xception65', ...); with ``head='smp'`` one that dilates
+        smp's way ('resnet50', 'mobilenet_v2', 'efficientnet-b0', ...).
       output_stride: 8, 16 or 32; default 16 ('paper') or 8 ('torchvision', 'smp').
       multi_grid: layer4 unit rates; default (1, 2, 4) for ResNets with the paper head, else none.
       head: 'paper', 'torchvision' or 'smp' (see the module docstring).
@@ -78,7 +81,13 @@ class DeepLabV3(SegmentationModel):
     """
 
     TITLE = "DeepLab v3"
-    BACKBONES = DILATED
+    SMP_TWIN = SMPTwin(
+        name="DeepLabV3",
+        decoder_prefix="decoder.aspp.convs.",
+        kwargs=("encoder_output_stride", "decoder_channels", "decoder_atrous_rates"),
+        model_kwargs=lambda smp_kwargs: smp_deeplabv3_kwargs(smp_kwargs),
+        key_map=lambda model: smp_deeplabv3_key_map(model),
+    )
 
     backbone: str = "resnet101"
     output_stride: int | None = None
@@ -92,8 +101,12 @@ class DeepLabV3(SegmentationModel):
     def check_arguments(self) -> None:
         check_choice(self.head, HEADS, "DeepLab v3 head")
 
-    def valid_backbones(self) -> tuple[str, ...]:
-        return SMP_ENCODERS if self.head == "smp" else self.BACKBONES
+    def encoder_needs(self) -> Needs:
+        # The stride-32 features (and stride 16 for the aux head) at output stride 8 or 16.
+        strides = (16, 32) if self.aux_head else (32,)
+        if self.head == "smp":
+            return Needs(strides, (8, 16), dilation_style="smp")
+        return Needs(strides, (8, 16), multi_grid=True)
 
     @nn.compact
     def __call__(
@@ -107,7 +120,7 @@ class DeepLabV3(SegmentationModel):
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        dilation = smp_dilation(self.backbone) if smp_head else {}
+        dilation = {"dilation_style": "smp"} if smp_head else {}
         features = self.create_backbone(
             output_stride=output_stride, multi_grid=multi_grid, **dilation
         )(images, train)
@@ -154,3 +167,15 @@ def smp_deeplabv3_key_map(model: DeepLabV3) -> KeyMap:
         **conv_bn_key_map(("head_conv",), "decoder.conv", "decoder.bn"),
         **conv_key_map(("classifier",), "segmentation_head.0", bias=True),
     }
+
+
+def smp_deeplabv3_kwargs(smp_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``DeepLabV3(head='smp')`` arguments for smp ``DeepLabV3``'s keyword arguments."""
+    kwargs = {
+        "head": "smp",
+        "output_stride": smp_kwargs.get("encoder_output_stride", 8),
+        "aspp_channels": smp_kwargs.get("decoder_channels", 256),
+    }
+    if "decoder_atrous_rates" in smp_kwargs:
+        kwargs["atrous_rates"] = tuple(smp_kwargs["decoder_atrous_rates"])
+    return kwargs

@@ -29,22 +29,23 @@ wherever smp runs.
 Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones import DILATED
+from flaxseg.models.backbones import Needs
 from flaxseg.models.base import PretrainedBackbone, SegmentationModel
 from flaxseg.models.heads import (
     ASPP,
     SMP_ATROUS_RATES,
-    SMP_ENCODERS,
     SMPSeparableConvBNAct,
+    SMPTwin,
     default_multi_grid,
     resize_bilinear_aligned,
     scale_atrous_rates,
     smp_aspp_key_map,
-    smp_dilation,
     smp_separable_key_map,
 )
 from flaxseg.models.layers import (
@@ -65,7 +66,9 @@ class DeepLabV3Plus(SegmentationModel):
 
     Attributes:
       num_classes: output channels.
-      backbone: 'resnet50', 'resnet101', 'resnet152' or 'xception65'.
+      backbone: an encoder with stride-4 features and multi-grid that dilates to output stride
+        8 and 16 ('resnet50', 'resnet101', 'resnet152', 'xception65', ...); with ``head='smp'``
+        one that dilates smp's way ('resnet50', 'mobilenet_v2', 'efficientnet-b0', ...).
       output_stride: 8, 16 (default) or 32 of the encoder; the decoder always works at stride 4.
         Changes no parameter shape (override per call with ``apply(..., output_stride=8)``).
       multi_grid: last-stage unit rates (default: see the module docstring).
@@ -81,7 +84,18 @@ class DeepLabV3Plus(SegmentationModel):
     """
 
     TITLE = "DeepLab v3+"
-    BACKBONES = DILATED
+    SMP_TWIN = SMPTwin(
+        name="DeepLabV3Plus",
+        decoder_prefix="decoder.aspp.0.convs.",
+        kwargs=(
+            "encoder_output_stride",
+            "decoder_channels",
+            "decoder_atrous_rates",
+            "decoder_aspp_separable",
+        ),
+        model_kwargs=lambda smp_kwargs: smp_deeplabv3plus_kwargs(smp_kwargs),
+        key_map=lambda model: smp_deeplabv3plus_key_map(model),
+    )
 
     backbone: str = "resnet101"
     output_stride: int = 16
@@ -98,8 +112,11 @@ class DeepLabV3Plus(SegmentationModel):
     def check_arguments(self) -> None:
         check_choice(self.head, HEADS, "DeepLab v3+ head")
 
-    def valid_backbones(self) -> tuple[str, ...]:
-        return SMP_ENCODERS if self.head == "smp" else self.BACKBONES
+    def encoder_needs(self) -> Needs:
+        # The decoder's stride-4 features and the ASPP's stride-32 ones, at output stride 8/16.
+        if self.head == "smp":
+            return Needs((4, 32), (8, 16), dilation_style="smp")
+        return Needs((4, 32), (8, 16), multi_grid=True)
 
     def pretrained_backbone(self) -> PretrainedBackbone:
         return PretrainedBackbone(self.backbone, num_middle_units=self.num_middle_units)
@@ -146,7 +163,7 @@ class DeepLabV3Plus(SegmentationModel):
         # smp's DeepLabV3PlusDecoder + SegmentationHead(kernel_size=1, upsampling=4).
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         separable = True if self.separable is None else self.separable
-        features = self.create_backbone(output_stride=output_stride, **smp_dilation(self.backbone))(
+        features = self.create_backbone(output_stride=output_stride, dilation_style="smp")(
             images, train
         )
         x = ASPP(
@@ -181,3 +198,17 @@ def smp_deeplabv3plus_key_map(model: DeepLabV3Plus) -> KeyMap:
         **smp_separable_key_map(("decoder_0",), "decoder.block2.0", "decoder.block2.1"),
         **conv_key_map(("classifier",), "segmentation_head.0", bias=True),
     }
+
+
+def smp_deeplabv3plus_kwargs(smp_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``DeepLabV3Plus(head='smp')`` arguments for smp ``DeepLabV3Plus``'s keyword arguments."""
+    kwargs = {
+        "head": "smp",
+        "output_stride": smp_kwargs.get("encoder_output_stride", 16),
+        "aspp_channels": smp_kwargs.get("decoder_channels", 256),
+        "decoder_channels": smp_kwargs.get("decoder_channels", 256),
+        "separable": bool(smp_kwargs.get("decoder_aspp_separable", True)),
+    }
+    if "decoder_atrous_rates" in smp_kwargs:
+        kwargs["atrous_rates"] = tuple(smp_kwargs["decoder_atrous_rates"])
+    return kwargs

@@ -6,20 +6,23 @@ segmentation checkpoints map onto it directly. ``FCNHead`` (3×3 conv + BN + ReL
 classifier) is torchvision's ``FCNHead`` and PSPNet's final and auxiliary heads.
 
 The segmentation_models_pytorch section below holds what the smp-compatible models share:
-``SMP_ENCODERS`` (the backbones that are smp encoders, by smp's names), PyTorch's 'nearest' and
-``align_corners=True`` bilinear resizes (``resize_nearest``, ``resize_bilinear_aligned``), smp's
-separable conv (``SMPSeparableConvBNAct``) and the key maps onto smp's ASPP.
+``SMPTwin`` (what makes a model an smp architecture's twin, which ``flaxseg.weights.convert_smp``
+applies), PyTorch's 'nearest' and ``align_corners=True`` bilinear resizes (``resize_nearest``,
+``resize_bilinear_aligned``), smp's separable conv (``SMPSeparableConvBNAct``) and the key maps
+onto smp's ASPP. The smp-equal models take any encoder that dilates smp's way
+(``backbones.Needs(dilation_style='smp')``: the ResNets, MobileNetV2 and smp's EfficientNets).
 """
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxseg.models.backbones import EFFICIENTNETS
-from flaxseg.models.backbones.resnet import RESNETS
+from flaxseg.models import backbones
 from flaxseg.models.layers import (
     ConvBNAct,
     Dtype,
@@ -34,11 +37,12 @@ from flaxseg.models.layers import (
 
 
 def default_multi_grid(backbone: str) -> tuple[int, ...]:
-    """DeepLab v3/v3+'s multi-grid: (1, 2, 4) on ResNets whose layer4 has three units (v3
-    paper, Table 3's best); none (all ones) on ResNet-18, whose layer4 has two, and on Xception
-    (the v3+ reference configs set none)."""
-    units = RESNETS[backbone].stage_sizes[-1] if backbone in RESNETS else 3
-    return (1, 2, 4) if backbone in RESNETS and units == 3 else (1,) * units
+    """DeepLab v3/v3+'s multi-grid, as the encoder declares it (``Encoder.multi_grid``): (1, 2,
+    4) on ResNets whose layer4 has three units (v3 paper, Table 3's best); none (all ones) on
+    ResNet-18, whose layer4 has two, and on Xception (the v3+ reference configs set none)."""
+    multi_grid = backbones.get(backbone).multi_grid
+    assert multi_grid is not None, f"{backbone} takes no multi-grid"
+    return multi_grid
 
 
 def scale_atrous_rates(
@@ -199,15 +203,41 @@ def torchvision_fcn_head_key_map(flax_prefix: tuple[str, ...], torch_prefix: str
 # paper-faithful models do not use; these are exact twins of them, so smp checkpoints give the
 # same logits.
 
-# Backbones that are smp encoders too, by smp's names (same layers and keys, the stride-2..32
-# features of smp's encoder, smp's dilation): the head='smp' models and convert_smp take these.
-SMP_ENCODERS = (
-    tuple(RESNETS)
-    + ("mobilenet_v2",)
-    + tuple(name for name in EFFICIENTNETS if name.startswith(("efficientnet-", "timm-")))
-)
 # smp's DeepLabV3/V3Plus ``decoder_atrous_rates`` default, used at any output stride.
 SMP_ATROUS_RATES = (12, 24, 36)
+# Arguments of every smp model that change nothing a twin builds when left at smp's default
+# (None: the model returns logits, has no classification head); "any": ignored (the weights
+# come from the state dict; the logits are always resized to the input, which is what smp's
+# ``upsampling`` does at the sizes smp accepts).
+SMP_NEUTRAL_KWARGS = {
+    "encoder_weights": "any",
+    "upsampling": "any",
+    "activation": None,
+    "aux_params": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SMPTwin:
+    """What makes a model the twin of segmentation_models_pytorch's architecture ``name``
+    (a model class's ``SMP_TWIN``; ``flaxseg.weights.convert_smp`` applies it).
+
+    Attributes:
+      name: smp's class name ('Unet', 'DeepLabV3Plus').
+      decoder_prefix: a state-dict key prefix that only this architecture has.
+      kwargs: the smp keyword arguments the twin understands, beyond ``classes``,
+        ``in_channels`` and ``SMP_NEUTRAL_KWARGS``.
+      model_kwargs: ``model_kwargs(smp_kwargs)`` -> the flaxseg constructor arguments of the
+        twin (a ValueError in one sentence for a value it cannot build).
+      key_map: ``key_map(model)`` -> the key map of the twin's decoder and head onto smp's state
+        dict; the encoder's part (``encoder.*``) is the encoder's 'smp' key map.
+    """
+
+    name: str
+    decoder_prefix: str
+    kwargs: tuple[str, ...]
+    model_kwargs: Callable[[dict[str, Any]], dict[str, Any]]
+    key_map: Callable[[Any], KeyMap]
 
 
 def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -320,9 +350,3 @@ def smp_aspp_key_map(
                 )
             )
     return key_map
-
-
-def smp_dilation(backbone: str) -> dict[str, str]:
-    """``backbones.create`` arguments that dilate ``backbone`` the way smp's ``make_dilated``
-    does (ResNets: ``dilation_style='smp'``; the light encoders' smp names dilate so already)."""
-    return {"dilation_style": "smp"} if backbone in RESNETS else {}

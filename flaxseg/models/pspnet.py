@@ -33,6 +33,7 @@ Shapes: [B, H, W, 3] normalised images -> [B, H, W, num_classes] float32 logits.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 
 from flaxseg.models.backbones import RESNETS
 from flaxseg.models.base import PretrainedBackbone, SegmentationModel
-from flaxseg.models.heads import FCNHead, resize_bilinear_aligned
+from flaxseg.models.heads import FCNHead, SMPTwin, resize_bilinear_aligned
 from flaxseg.models.layers import (
     ConvBNAct,
     Dtype,
@@ -100,7 +101,15 @@ class PSPNet(SegmentationModel):
     """
 
     TITLE = "PSPNet"
+    # The ResNets: the paper's deep stem, and smp's encoder_depth cut by their layer names.
     BACKBONES = tuple(RESNETS)
+    SMP_TWIN = SMPTwin(
+        name="PSPNet",
+        decoder_prefix="decoder.psp.",
+        kwargs=("encoder_depth", "psp_out_channels"),
+        model_kwargs=lambda smp_kwargs: smp_pspnet_kwargs(smp_kwargs),
+        key_map=lambda model: smp_pspnet_key_map(model),
+    )
 
     backbone: str = "resnet101"
     output_stride: int = 8
@@ -211,3 +220,12 @@ def smp_pspnet_key_map(model: PSPNet) -> KeyMap:
     key_map.update(conv_bn_key_map(("psp_conv",), "decoder.conv.0", "decoder.conv.1"))
     key_map.update(conv_key_map(("segmentation_head",), "segmentation_head.0", bias=True))
     return key_map
+
+
+def smp_pspnet_kwargs(smp_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``PSPNet(head='smp')`` arguments for smp ``PSPNet``'s keyword arguments."""
+    return {
+        "head": "smp",
+        "encoder_depth": smp_kwargs.get("encoder_depth", 3),
+        "head_channels": smp_kwargs.get("psp_out_channels", 512),
+    }

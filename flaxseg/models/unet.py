@@ -18,7 +18,8 @@ i covering rows 2i and 2i + 1, and the up-convolution writes cell i back to exac
 the one overhanging row is cropped off before concatenation, so decoder and encoder stay
 aligned at every level.
 
-With an encoder backbone (``backbone='resnet34'``, any name of ``ENCODERS``) the network is
+With an encoder backbone (``backbone='resnet34'``, any registered encoder that gives the
+stride-2, 4, 8, 16 and 32 feature maps, ``ENCODER_NEEDS``) the network is
 segmentation_models_pytorch's ``Unet`` (smp 0.6.0, ``encoder_depth=5``), which has no paper
 form: the encoder's stride-2 (stem), 4, 8 and 16 feature maps are the skips and its stride-32
 map the bottom; five decoder blocks each upsample by nearest-neighbour interpolation to the size
@@ -36,14 +37,15 @@ Shapes: [B, H, W, C] images -> [B, H, W, num_classes] float32 logits ('same'), o
 """
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxseg.models.backbones import LIGHT, RESNETS
+from flaxseg.models.backbones import Needs
 from flaxseg.models.base import SegmentationModel
-from flaxseg.models.heads import resize_nearest
+from flaxseg.models.heads import SMPTwin, resize_nearest
 from flaxseg.models.layers import (
     ConvBNAct,
     ConvTransposeUpsample,
@@ -60,8 +62,6 @@ from flaxseg.models.layers import (
 
 PADDINGS = ("same", "valid")
 LEVELS = 4  # pools in the paper's contracting path
-# Encoder backbones (with stride-2..32 feature maps, as smp's encoders give): smp's U-Net.
-ENCODERS = tuple(RESNETS) + LIGHT
 SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's default, at strides 16, 8, 4, 2, 1
 
 
@@ -143,8 +143,8 @@ class UNet(SegmentationModel):
 
     Attributes:
       num_classes: output channels of the logits.
-      backbone: 'unet' (the paper's contracting path) or an encoder of ``ENCODERS``
-        ('resnet34', 'resnet50', ...: smp's U-Net).
+      backbone: 'unet' (the paper's contracting path) or an encoder with stride-2…32 features
+        ('resnet34', 'efficientnet-b0', ...: smp's U-Net).
       padding: 'same' (logits at the input size) or 'valid' (the paper; paper encoder only).
       base_channels: width of the first level (64 = the paper's); all widths scale with it
         (for an encoder it is also the encoder's base width and scales ``decoder_channels``).
@@ -158,7 +158,16 @@ class UNet(SegmentationModel):
     """
 
     TITLE = "U-Net"
-    BACKBONES = ("unet",) + ENCODERS
+    BACKBONES = ("unet",)
+    # smp's U-Net: the stem's stride-2 map and the 4, 8, 16 maps are skips, stride 32 the bottom.
+    ENCODER_NEEDS = Needs(strides=(2, 4, 8, 16, 32))
+    SMP_TWIN = SMPTwin(
+        name="Unet",
+        decoder_prefix="decoder.blocks.",
+        kwargs=("decoder_channels", "decoder_use_norm", "encoder_depth", "decoder_interpolation"),
+        model_kwargs=lambda smp_kwargs: smp_unet_kwargs(smp_kwargs),
+        key_map=lambda model: smp_unet_key_map(model),
+    )
 
     backbone: str = "unet"
     padding: str = "same"
@@ -282,3 +291,25 @@ def smp_unet_key_map(model: UNet) -> KeyMap:
                 key_map.update(conv_key_map((*prefix, "conv"), f"{torch}.0", bias=True))
     key_map.update(conv_key_map(("segmentation_head",), "segmentation_head.0", bias=True))
     return key_map
+
+
+def smp_unet_kwargs(smp_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``UNet`` arguments for smp ``Unet``'s keyword arguments (``SMPTwin.kwargs``)."""
+    get = smp_kwargs.get
+    if get("encoder_depth", 5) != 5 or get("decoder_interpolation", "nearest") != "nearest":
+        raise ValueError(
+            "convert_smp builds smp's Unet with encoder_depth=5 and "
+            "decoder_interpolation='nearest' only, got "
+            f"encoder_depth={get('encoder_depth', 5)!r}, "
+            f"decoder_interpolation={get('decoder_interpolation', 'nearest')!r}."
+        )
+    norm = get("decoder_use_norm", "batchnorm")
+    if norm not in (True, False, "batchnorm", "identity"):
+        raise ValueError(
+            f"convert_smp supports decoder_use_norm 'batchnorm' (True) or 'identity' "
+            f"(False), got {norm!r}."
+        )
+    kwargs = {"batchnorm": norm in (True, "batchnorm")} if "decoder_use_norm" in smp_kwargs else {}
+    if "decoder_channels" in smp_kwargs:
+        kwargs["decoder_channels"] = tuple(smp_kwargs["decoder_channels"])
+    return kwargs

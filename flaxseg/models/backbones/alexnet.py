@@ -10,10 +10,14 @@ rounding) like the Caffe reference; the crop geometry is then the same as Caffe'
 voc-fcn-alexnet (offset 18).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.backbones.encoder import Encoder
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -95,3 +99,28 @@ def torchvision_alexnet_key_map() -> KeyMap:
     for index, *_ in _ALEXNET_CONVS:
         key_map.update(conv_key_map((f"features_{index}",), f"features.{index}", bias=True))
     return key_map
+
+
+def _build(*, output_stride: int = 32, remat: bool = False, **kwargs) -> AlexNet:
+    del output_stride, remat  # 32 only (backbones.create checks it); no repeated units
+    return AlexNet(**kwargs)
+
+
+def _fingerprint(state_dict: Mapping[str, Any]) -> str | None:
+    # torchvision's features without BatchNorm whose features.2 is a pool (VGG's is a conv).
+    keys = state_dict
+    plain = "features.0.weight" in keys and "features.1.running_mean" not in keys
+    return "alexnet" if plain and "features.2.weight" not in keys else None
+
+
+ENCODERS = {
+    "alexnet": Encoder(
+        name="alexnet",
+        build=_build,
+        channels=alexnet_channels,
+        output_strides=(32,),
+        key_maps={"torchvision": lambda **_: torchvision_alexnet_key_map()},
+        fingerprint=_fingerprint,
+        fc_layers=TORCHVISION_FC_LAYERS,
+    )
+}

@@ -41,12 +41,16 @@ everything that differs between the implementations in use:
 """
 
 import dataclasses
+import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.backbones.encoder import Encoder
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -492,3 +496,47 @@ def variant_of(num_blocks: int, stem_channels: int) -> str | None:
         if (blocks, round_channels(STEM_CHANNELS, width)) == (num_blocks, stem_channels):
             return variant
     return None
+
+
+def architecture_of(state_dict: Mapping[str, Any]) -> str | None:
+    """EfficientNet-B0…B7 in timm's keys ('efficientnet_b*'; timm's tf_ ports and smp's
+    'timm-efficientnet-b*' have the same keys and shapes) or lukemelas' keys as in smp's
+    encoders ('efficientnet-b*'), from its block count and stem width; else None."""
+    keys = state_dict
+    if "blocks.0.0.conv_dw.weight" in keys and "conv_stem.weight" in keys:
+        if "blocks.0.0.se.conv_reduce.weight" not in keys:
+            return None  # timm's MobileNetV2
+        blocks = {".".join(k.split(".")[:3]) for k in keys if k.startswith("blocks.")}
+        prefix, stem = "efficientnet_", state_dict["conv_stem.weight"]
+    elif "_blocks.0._depthwise_conv.weight" in keys and "_conv_stem.weight" in keys:
+        blocks = {".".join(k.split(".")[:2]) for k in keys if k.startswith("_blocks.")}
+        prefix, stem = "efficientnet-", state_dict["_conv_stem.weight"]
+    else:
+        return None
+    variant = variant_of(len(blocks), int(stem.shape[0]))
+    return prefix + variant if variant else None
+
+
+def _fingerprint(arch: str, state_dict: Mapping[str, Any]) -> str | None:
+    return arch if architecture_of(state_dict) == arch else None
+
+
+def _build(arch: str, *, base_width: int = 64, **kwargs) -> EfficientNet:
+    # base_width 64 is the full network: widths scale by base_width / 64.
+    return EfficientNet(arch, width_multiplier=base_width / 64, **kwargs)
+
+
+def _encoder(arch: str) -> Encoder:
+    smp = FLAVORS[ARCHS[arch][1]].smp
+    return Encoder(
+        name=arch,
+        build=functools.partial(_build, arch),
+        channels=lambda base_width: efficientnet_channels(arch, base_width / 64),
+        dilation_styles=("smp",) if smp else ("timm",),
+        key_maps={"smp" if smp else "timm": lambda **_: efficientnet_key_map(arch)},
+        fingerprint=functools.partial(_fingerprint, arch),
+        head_key_prefixes=head_key_prefixes(arch),
+    )
+
+
+ENCODERS = {arch: _encoder(arch) for arch in ARCHS}

@@ -21,12 +21,16 @@ torchvision's ``width_mult`` (channels rounded to multiples of 8; the last conv 
 below 1.0).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 # torchvision's ``_make_divisible(c · width_mult, 8)`` is timm's ``round_channels``.
 from flaxseg.models.backbones.efficientnet import round_channels
+from flaxseg.models.backbones.encoder import Encoder
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -241,3 +245,38 @@ def mobilenet_v2_key_map(width_multiplier: float = 1.0, layout: str = "torchvisi
             batchnorm_key_map(path, torch_name) if is_bn else conv_key_map(path, torch_name)
         )
     return key_map
+
+
+def _build(*, base_width: int = 64, **kwargs) -> MobileNetV2:
+    # base_width 64 is the full network: widths scale by base_width / 64.
+    return MobileNetV2(width_multiplier=base_width / 64, **kwargs)
+
+
+def _fingerprint(state_dict: Mapping[str, Any]) -> str | None:
+    """'mobilenet_v2' for torchvision's keys, 'mobilenetv2_100' for timm's (its blocks have no
+    squeeze-excitation, unlike timm's EfficientNets)."""
+    keys = state_dict
+    if "features.1.conv.0.0.weight" in keys:
+        return "mobilenet_v2"
+    timm = "blocks.0.0.conv_dw.weight" in keys and "conv_stem.weight" in keys
+    if timm and "blocks.0.0.se.conv_reduce.weight" not in keys:
+        return "mobilenetv2_100" if "blocks.1.0.conv_pwl.weight" in keys else None
+    return None
+
+
+ENCODERS = {
+    "mobilenet_v2": Encoder(
+        name="mobilenet_v2",
+        build=_build,
+        channels=lambda base_width: mobilenet_v2_channels(base_width / 64),
+        dilation_styles=("smp",),
+        # smp's mobilenet_v2 encoder is torchvision's network.
+        key_maps={
+            "torchvision": lambda **_: mobilenet_v2_key_map(),
+            "timm": lambda **_: mobilenet_v2_key_map(layout="timm"),
+            "smp": lambda **_: mobilenet_v2_key_map(),
+        },
+        source_names={"timm": "mobilenetv2_100"},
+        fingerprint=_fingerprint,
+    )
+}

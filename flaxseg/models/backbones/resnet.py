@@ -47,12 +47,16 @@ shape: variables trained one way can be evaluated another. ``remat`` remateriali
 """
 
 import dataclasses
+import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.backbones.encoder import Encoder
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -367,3 +371,69 @@ def torchvision_resnet_key_map(
         key_map.update(conv_key_map(conv.split("/"), conv.replace("/", ".").replace("_", ".")))
         key_map.update(batchnorm_key_map(bn.split("/"), bn.replace("/", ".").replace("_", ".")))
     return key_map
+
+
+# ----------------------------------------------------------------------------- registry entries
+
+
+def fingerprint(name: str, state_dict: Mapping[str, Any]) -> str | None:
+    """``name`` (``name + '_v1c'`` with MMSegmentation's deep stem) when ``state_dict`` holds the
+    ResNet ``name`` in torchvision's (= timm's) keys: its block type, layer3 depth and
+    cardinality; else None."""
+    keys = set(state_dict)
+    if "layer1.0.conv1.weight" not in keys:
+        return None
+    units = len({k.split(".")[1] for k in keys if k.startswith("layer3.")})
+    # Basic units (ResNet-18/34) have no conv3; ResNeXt's grouped 3×3 conv reads
+    # width / groups input channels.
+    block = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
+    conv2 = tuple(getattr(state_dict.get("layer1.0.conv2.weight"), "shape", ()))
+    groups = conv2[0] // conv2[1] if block == "bottleneck" and len(conv2) == 4 else 1
+    spec = RESNETS[name]
+    if (spec.block, spec.stage_sizes[2], spec.groups) != (block, units, groups):
+        return None
+    return name + ("_v1c" if "stem.0.weight" in keys else "")
+
+
+def _build(spec: ResNetSpec, *, multi_grid=None, **kwargs) -> ResNet:
+    return ResNet(
+        depth=spec.depth,
+        groups=spec.groups,
+        width_per_group=spec.width_per_group,
+        multi_grid=None if multi_grid is None else tuple(multi_grid),
+        **kwargs,
+    )
+
+
+def _channels(spec: ResNetSpec, base_width: int) -> dict[int, int]:
+    return resnet_channels(spec.depth, base_width, spec.groups, spec.width_per_group)
+
+
+def _key_map(spec: ResNetSpec, deep_stem: bool = False, **_) -> KeyMap:
+    return torchvision_resnet_key_map(spec.depth, deep_stem, spec.groups, spec.width_per_group)
+
+
+def _encoder(name: str, spec: ResNetSpec, sources: tuple[str, ...]) -> Encoder:
+    units = spec.stage_sizes[-1]
+    key_map = functools.partial(_key_map, spec)
+    return Encoder(
+        name=name,
+        build=functools.partial(_build, spec),
+        channels=functools.partial(_channels, spec),
+        dilation_styles=DILATION_STYLES,
+        # DeepLab v3's multi-grid (1, 2, 4) where layer4 has three units; none on ResNet-18.
+        multi_grid=(1, 2, 4) if units == 3 else (1,) * units,
+        deep_stem=True,
+        key_maps={source: key_map for source in sources},
+        fingerprint=functools.partial(fingerprint, name),
+        stem_key_prefixes=STEM_KEY_PREFIXES,
+    )
+
+
+# torchvision's keys are timm's (the ResNets convert_timm takes) and smp's encoders'; with
+# ``deep_stem`` the torchvision map reads MMSegmentation's v1c stem.
+_TIMM = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
+ENCODERS = {
+    name: _encoder(name, spec, ("torchvision", *(("timm",) if name in _TIMM else ()), "smp"))
+    for name, spec in RESNETS.items()
+}

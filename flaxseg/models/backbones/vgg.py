@@ -24,11 +24,14 @@ stride becomes a 3×3 stride-1 pad-1 pool and later convs are dilated by the str
 """
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.backbones.encoder import Encoder
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -167,3 +170,38 @@ def torchvision_vgg16_key_map(batchnorm: bool) -> KeyMap:
         if batchnorm:
             key_map.update(batchnorm_key_map((f"features_{index + 1}",), f"features.{index + 1}"))
     return key_map
+
+
+def _build(batchnorm: bool, *, remat: bool = False, **kwargs) -> VGG16:
+    del remat  # no repeated units to rematerialise
+    return VGG16(batchnorm=batchnorm, **kwargs)
+
+
+def _fingerprint(name: str, state_dict: Mapping[str, Any]) -> str | None:
+    # torchvision's features: a BatchNorm at features.1 (vgg16_bn), a conv at features.2
+    # (vgg16; AlexNet's features.2 is a pool).
+    if "features.0.weight" not in state_dict:
+        return None
+    if "features.1.running_mean" in state_dict:
+        found = "vgg16_bn"
+    else:
+        found = "vgg16" if "features.2.weight" in state_dict else None
+    return name if found == name else None
+
+
+ENCODERS = {
+    name: Encoder(
+        name=name,
+        build=functools.partial(_build, name == "vgg16_bn"),
+        channels=vgg16_channels,
+        dilation_styles=("deeplab",),
+        key_maps={
+            "torchvision": functools.partial(
+                lambda batchnorm, **_: torchvision_vgg16_key_map(batchnorm), name == "vgg16_bn"
+            )
+        },
+        fingerprint=functools.partial(_fingerprint, name),
+        fc_layers=TORCHVISION_FC_LAYERS,
+    )
+    for name in ("vgg16", "vgg16_bn")
+}

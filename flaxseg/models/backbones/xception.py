@@ -28,12 +28,14 @@ last map at that resolution — ``4`` is v3+'s low-level feature ``entry_flow/bl
 xception_module/separable_conv2_pointwise`` — and ``32`` the network's output.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxseg.models.backbones.encoder import Encoder
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
@@ -230,3 +232,29 @@ def timm_xception65_key_map(num_middle_units: int = 16) -> KeyMap:
             key_map.update(batchnorm_key_map((block, "shortcut_bn"), f"{torch_block}.shortcut.bn"))
         in_channels = channels[-1]
     return key_map
+
+
+def _build(*, multi_grid: Sequence[int] | None = None, **kwargs) -> Xception65:
+    return Xception65(multi_grid=tuple(multi_grid or (1, 1, 1)), **kwargs)
+
+
+def _key_map(num_middle_units: int = 16, **_) -> KeyMap:
+    return timm_xception65_key_map(num_middle_units)
+
+
+def _fingerprint(state_dict: Mapping[str, Any]) -> str | None:
+    return "xception65" if "blocks.0.stack.conv1.conv_dw.weight" in state_dict else None
+
+
+# The v3+ reference configs set no multi-grid on Xception-65.
+ENCODERS = {
+    "xception65": Encoder(
+        name="xception65",
+        build=_build,
+        channels=xception65_channels,
+        dilation_styles=("timm",),
+        multi_grid=(1, 1, 1),
+        key_maps={"timm": _key_map},
+        fingerprint=_fingerprint,
+    )
+}
