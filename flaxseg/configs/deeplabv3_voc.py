@@ -6,13 +6,19 @@ Sec. 4; tensorflow/models research/deeplab's ``train.py`` flags for VOC).
 
 Reproduced: ResNet-101, output stride 16, multi-grid (1, 2, 4), ASPP rates 6/12/18 with image
 pooling and BatchNorm trained (batch 16), crop 513, poly lr 0.007 (power 0.9), 30k iterations,
-momentum 0.9, weight decay 1e-4, random scale 0.5–2.0 and flips. This is the paper's first
+momentum 0.9, weight decay 1e-4, random scale 0.5–2.0 and flips, BatchNorm running statistics
+with decay 0.9997 (TF DeepLab's ``batch_norm_decay``, its ResNet and Xception arg scopes; flax
+momentum = TF decay; flaxseg's default is PyTorch's 0.9). This is the paper's first
 stage (77.2% val at OS 16 as reported, Table 4 with MG(1, 2, 4)); its second stage (fine-tune
 at OS 8 on trainval with frozen BN) and inference at OS 8 with multi-scale + flip are not part
 of this recipe.
 """
 
+import json
+
 from flaxseg.configs import default
+
+TF_DEEPLAB_BN_DECAY = 0.9997
 
 
 def get_config():
@@ -25,4 +31,6 @@ def get_config():
     config.steps = 30_000
     config.lr = 0.007
     config.weight_decay = 1e-4
+    # TF DeepLab's batch_norm_decay: running statistics keep 0.9997 of their old value.
+    config.model_kwargs = json.dumps({"bn_momentum": TF_DEEPLAB_BN_DECAY})
     return config

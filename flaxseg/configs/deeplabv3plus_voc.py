@@ -8,11 +8,16 @@ Sec. 4; tensorflow/models research/deeplab: ``train.py`` flags, ``model.py`` and
 Reproduced: Xception-65 at output stride 16, depthwise-separable ASPP (6/12/18) and decoder,
 crop 513, batch 16, poly lr 0.007 (power 0.9), 30k iterations, momentum 0.9, weight decay 4e-5
 (TF DeepLab's default for Xception) on every kernel except the depthwise ones (TF DeepLab's
-``regularize_depthwise=False``), random scale 0.5–2.0 and flips.
+``regularize_depthwise=False``), random scale 0.5–2.0 and flips, BatchNorm running statistics
+with decay 0.9997 (TF DeepLab's ``batch_norm_decay``; flax momentum = TF decay).
 For the ResNet-101 variant: ``--backbone=resnet101 --config.weight_decay=1e-4``.
 """
 
+import json
+
 from flaxseg.configs import default
+
+TF_DEEPLAB_BN_DECAY = 0.9997
 
 
 def get_config():
@@ -26,4 +31,6 @@ def get_config():
     config.lr = 0.007
     config.weight_decay = 4e-5
     config.param_groups = ({"pattern": r"conv_dw/kernel$", "weight_decay": 0.0},)
+    # TF DeepLab's batch_norm_decay: running statistics keep 0.9997 of their old value.
+    config.model_kwargs = json.dumps({"bn_momentum": TF_DEEPLAB_BN_DECAY})
     return config

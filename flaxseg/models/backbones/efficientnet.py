@@ -57,6 +57,7 @@ from flaxseg.models.layers import (
     check_rate,
     conv_key_map,
     conv_without_bias,
+    he_normal_fan_out,
     rematerialised,
 )
 
@@ -340,6 +341,7 @@ class MBConv(nn.Module):
             padding=pads,
             kernel_dilation=(d, d),
             feature_group_count=expanded,
+            kernel_init=he_normal_fan_out(groups=expanded),  # timm's fan_out // groups
             name=names[0],
         )(x)
         x = nn.silu(norm(names[1])(x))
