@@ -172,9 +172,9 @@ def train_step(
     values; the step count advances); without it the loop stops the run.
     `loss_resolution='score_map'` applies the model inside `layers.score_map_outputs()`: the
     main and auxiliary logits stay at their score maps' resolution (DeepLab v1/v2: stride 8),
-    and every loss and the pixel accuracy are taken there, against the
-    labels shrunk to each map's size (`shrink_labels`), as Caffe's DeepLab trains. 'input'
-    (default): on the logits at the input's size.
+    and every loss and the pixel accuracy are taken there, against the labels shrunk to each
+    map's size (`shrink_labels`), as Caffe's DeepLab trains. 'input' (default): on the logits
+    at the input's size.
     """
     assert loss_resolution in LOSS_RESOLUTIONS, loss_resolution
     dropout_rng = step_rng(rng, state.step, axis_name)
