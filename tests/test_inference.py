@@ -150,9 +150,11 @@ def test_sliding_windows_equal_whole_image_when_one_window_covers_it(images):
 
 def test_sliding_windows_average_overlapping_windows(images):
     apply_fn = conv_fn(_kernel(6, 3))
-    probs = predict(apply_fn, images, window=16, overlap=0.33)
+    probs = predict(apply_fn, images, window=16, overlap=0.33, window_average="probs")
     # Written out: stride ceil(16 · 0.67) = 11, windows at rows 0, 11, 21 and columns 0, 11,
-    # 22, 29, each pixel the mean over the windows that contain it.
+    # 22, 29, each pixel the mean over the windows that contain it (of the probabilities with
+    # window_average='probs'; the default, MMSegmentation's logit average, is checked in
+    # test_recipe_corrections.py).
     total = np.zeros((2, 37, 45, NUM_CLASSES))
     count = np.zeros((37, 45, 1))
     for top in (0, 11, 21):

@@ -93,7 +93,7 @@ def _expect_groups(recipe, groups, config):
         assert_all(select(lambda n: n.startswith("upscore")), 0.0, 0.0)
         assert_all(select(lambda n: n.endswith("/bias")), 2.0, 0.0)
         assert_all(select(lambda n: n.endswith("kernel") and not n.startswith("upscore")), 1.0, wd)
-        assert wd == 5e-4
+        assert wd == pytest.approx(5e-4 / (500 * 375))  # Caffe's lr·wd (test_recipe_corrections)
     elif recipe == "deeplabv1_largefov_voc":
         assert groups["fc8/kernel"] == {"lr_mult": 10.0, "weight_decay": wd, "rule": 0}
         assert groups["fc8/bias"]["lr_mult"] == 20.0 and groups["fc8/bias"]["weight_decay"] == 0
@@ -112,32 +112,18 @@ def _expect_groups(recipe, groups, config):
         assert_all(select(lambda n: "conv_dw/kernel" in n), 1.0, 0.0)
         assert_all(select(lambda n: n.endswith("kernel") and "conv_dw" not in n), 1.0, wd)
         assert wd == 4e-5
-    elif recipe == "pspnet_voc":
-        assert_all(
-            select(
-                lambda n: n.split("/")[0] in ("ppm", "head", "aux_head") and n.endswith("kernel")
-            ),
-            10.0,
-            wd,
-        )
-        assert_all(select(lambda n: n.startswith("backbone/") and n.endswith("kernel")), 1.0, wd)
+    elif recipe == "pspnet_voc":  # semseg decays every parameter, biases and BN included
+        assert_all(select(lambda n: n.split("/")[0] in ("ppm", "head", "aux_head")), 10.0, wd)
+        assert_all(select(lambda n: n.startswith("backbone/")), 1.0, wd)
     elif recipe == "refinenet_voc":
         assert_all(
             select(lambda n: not n.startswith("backbone/") and n.endswith("kernel")), 10.0, wd
         )
         assert_all(select(lambda n: n.startswith("backbone/") and n.endswith("kernel")), 1.0, wd)
-    elif recipe == "segnet_voc":
-        assert_all(
-            select(
-                lambda n: (
-                    n.endswith("/bias")
-                    and "features_" not in n.split("/")[-2]
-                    or n.endswith("conv/bias")
-                )
-            ),
-            2.0,
-            0.0,
-        )
+    elif recipe == "segnet_voc":  # conv biases ×2 undecayed, BN scale decayed, BN shift not
+        assert_all(select(lambda n: n.endswith(("conv/bias", "classifier/bias"))), 2.0, 0.0)
+        assert_all(select(lambda n: n.endswith("bn/scale")), 1.0, wd)
+        assert_all(select(lambda n: n.endswith("bn/bias")), 1.0, 0.0)
     else:  # deeplabv3_voc, unet_voc: one group, decay on kernels only
         assert_all(select(lambda n: n.endswith("kernel")), 1.0, wd)
         assert_all(select(lambda n: not n.endswith("kernel")), 1.0, 0.0)

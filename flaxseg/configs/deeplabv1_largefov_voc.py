@@ -9,6 +9,10 @@ pool), fc6 3×3 rate 12 with 1024 channels (decimated from VGG's fc6), output st
 321, mini-batch 20, SGD momentum 0.9, base_lr 0.001 divided by 10 every 2000 iterations, 6000
 iterations, weight decay 5e-4 on kernels; the classifier fc8 at ×10 (bias ×20), every other
 bias at ×2 without decay. No scale augmentation (the paper crops and mirrors only).
+The loss is taken at the score map's resolution, as the prototxt does (fc8's 41×41 stride-8
+scores for a 321 crop against the labels shrunk to 41×41 by its ``label_shrink`` Interp layer:
+every 8th pixel), not on scores upsampled to 321×321 (``loss_resolution='score_map'``,
+``flaxseg.training.steps.shrink_labels``).
 The fully connected CRF is post-processing, outside training.
 """
 
@@ -30,6 +34,7 @@ def get_config():
     config.lr_gamma = 0.1
     config.momentum = 0.9
     config.weight_decay = 5e-4
+    config.loss_resolution = "score_map"  # Caffe's label_shrink: loss on the 1/8 score map
     config.param_groups = (
         {"pattern": r"^fc8/kernel$", "lr_mult": 10.0},
         {"pattern": r"^fc8/bias$", "lr_mult": 20.0, "weight_decay": 0.0},

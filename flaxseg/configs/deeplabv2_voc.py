@@ -8,7 +8,12 @@ Reproduced: multi-scale inputs (1, 0.75, 0.5) fused by max, a cross-entropy on e
 on the fused scores with equal weights (``aux_loss_weight`` 1.0), BatchNorm frozen as in the
 released nets (``use_global_stats: true`` and ``lr_mult: 0`` on its scale and shift), ASPP-L
 (rates 6/12/18/24) at ×10 (bias ×20), crop 321, batch 10, poly lr 2.5e-4 (power 0.9), 20k
-iterations, momentum 0.9, weight decay 5e-4, random scaling 0.5–1.5 (Sec. 4.1).
+iterations, momentum 0.9, weight decay 5e-4, random scaling 0.5–1.5 (Sec. 4.1). Every loss
+is taken at its score map's resolution (``loss_resolution='score_map'``): the stride-8 maps of
+each scale (41, 31 and 21 cells for a 321 crop) and the fused map (41) against the labels
+shrunk to each size, as the released nets' ``label_shrink`` Interp layers do, not on scores
+upsampled to the crop (``flaxseg.training.steps.shrink_labels``; that each scale's loss
+uses labels shrunk to its own map is this recipe's reading, not re-checked in the prototxt).
 Deviation: torchvision's ImageNet ResNet-101 (v1.5, stride in the 3×3 conv) instead of the
 MSRA Caffe ResNet-101 (stride in the 1×1 conv), unless a converted Caffe file is given.
 """
@@ -39,6 +44,7 @@ def get_config():
     config.lr_power = 0.9
     config.momentum = 0.9
     config.weight_decay = 5e-4
+    config.loss_resolution = "score_map"  # Caffe's label_shrink: losses on the 1/8 score maps
     config.param_groups = (
         {"pattern": RESNET_BATCHNORM, "lr_mult": 0.0},
         {"pattern": r"^aspp/.*/kernel$", "lr_mult": 10.0},

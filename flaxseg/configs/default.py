@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.ohem_thresh = 0.7  # ohem_cross_entropy: keep pixels whose true-class prob < thresh
     config.ohem_min_kept = 100_000  # ... but at least this many per image (MMSegmentation)
     config.focal_gamma = 2.0  # focal
+    # Where the losses are taken: 'input' (on logits upsampled to the input's size) or
+    # 'score_map' (on the model's score maps before that upsampling, against labels shrunk to
+    # their size: Caffe DeepLab v1/v2's label_shrink; flaxseg/training/steps.py).
+    config.loss_resolution = "input"
 
     # Optimisation.
     config.batch_size = 16  # global batch size over all devices and hosts

@@ -12,13 +12,19 @@ iterations, no scale augmentation, whole images (crop 512 covers every VOC image
 
 Learning rate: Caffe's base_lr 1e-10 multiplies a loss *summed* over the pixels
 (``normalize: false``); flaxseg's loss is the per-pixel mean, so the rate here is 1e-10 × 187,500
-(the mean VOC image area, 500 × 375). Deviations: train_aug (10,582 images) instead of the
-paper's SBD train (8,498), and horizontal flips, which the pipeline always applies.
+(the mean VOC image area, 500 × 375). Weight decay is scaled by the inverse factor, 5e-4 / 187,500,
+so that the decay step lr·wd·w equals Caffe's 1e-10 × 5e-4 (the L2 term is added to the
+gradient before the rate multiplies it, in Caffe's SGD as in flaxseg's optimiser; scaling the
+rate alone would decay 187,500× faster than the reference). The three stages' solvers share
+weight_decay 5e-4, so FCN-16s/8s inherit this value. Deviations: train_aug (10,582 images)
+instead of the paper's SBD train (8,498), and horizontal flips, which the pipeline always
+applies.
 """
 
 from flaxseg.configs import default
 
 CAFFE_PIXELS_PER_IMAGE = 500 * 375
+CAFFE_WEIGHT_DECAY = 5e-4  # solver.prototxt of voc-fcn32s, -16s and -8s
 
 
 def get_config():
@@ -33,7 +39,7 @@ def get_config():
     config.lr = 1e-10 * CAFFE_PIXELS_PER_IMAGE
     config.lr_schedule = "constant"
     config.momentum = 0.99
-    config.weight_decay = 5e-4
+    config.weight_decay = CAFFE_WEIGHT_DECAY / CAFFE_PIXELS_PER_IMAGE  # lr·wd = Caffe's
     config.param_groups = (
         {"pattern": r"^upscore", "lr_mult": 0.0},  # fixed bilinear interpolation
         {"pattern": r"/bias$", "lr_mult": 2.0, "weight_decay": 0.0},

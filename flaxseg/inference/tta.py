@@ -1,6 +1,13 @@
 """Test-time augmentation as pure array functions: multi-scale inputs, horizontal flip and
-sliding windows, with softmax probabilities averaged (DeepLab v2/v3 Sec. 4 "multi-scale inputs
-and flip"; mmsegmentation's ``slide_inference``).
+sliding windows (DeepLab v2/v3 Sec. 4 "multi-scale inputs and flip"; mmsegmentation's
+``slide_inference`` and ``aug_test``).
+
+What is averaged follows MMSegmentation: overlapping sliding windows average their *logits*
+(``slide_inference``: the windows' logits summed into ``preds``, divided by ``count_mat``), and
+softmax is taken once on that average; scales and flips then average *probabilities*
+(``aug_test`` sums ``inference()``'s softmax outputs and divides by their number).
+``window_average='probs'`` averages the windows' softmax probabilities instead (flaxseg's
+behaviour before; it weighs a confident window less than logit averaging does).
 
 Everything takes ``apply_fn(images [B, h, w, 3]) -> logits [B, h, w, C]`` (any h, w, as the
 flaxseg model contract promises), never a model, so this module imports nothing of flaxseg.
@@ -108,13 +115,17 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return sorted({min(i * stride, length - window) for i in range(count)})
 
 
+WINDOW_AVERAGES = ("logits", "probs")
+
+
 def sliding_window_probs(
     probs_fn: Callable[[Array], Array], images: Array, *, window: int, overlap: float = 0.33
 ) -> Array:
-    """Probabilities of images [B, H, W, 3] as the average of ``probs_fn`` over overlapping
-    ``window``×``window`` crops (stride ceil(window·(1 − overlap))), divided by how many windows
-    cover each pixel. A side shorter than the window is taken whole, so an image that one
-    window covers gives exactly ``probs_fn(images)``."""
+    """The average of ``probs_fn`` (any per-pixel map: logits or probabilities) of images
+    [B, H, W, 3] over overlapping ``window``×``window`` crops (stride ceil(window·(1 − overlap))):
+    each window's output summed into its place, divided by how many windows cover each pixel
+    (MMSegmentation's ``preds / count_mat``). A side shorter than the window is taken whole, so
+    an image that one window covers gives exactly ``probs_fn(images)``."""
     _, height, width, _ = images.shape
     window_h, window_w = min(window, height), min(window, width)
     stride = max(1, math.ceil(window * (1.0 - overlap)))
@@ -156,6 +167,7 @@ def predict_probs(
     overlap: float = 0.33,
     sizes=None,
     pad_multiple: int = 1,
+    window_average: str = "logits",
 ) -> Array:
     """Softmax probabilities [B, H, W, C] (float32) of images [B, H, W, 3], averaged over
     ``scales`` × (identity, horizontal flip if ``flip``).
@@ -172,8 +184,16 @@ def predict_probs(
         H×W. Output pixels outside an image's real size are 0.
       pad_multiple: canvas sides of the scaled images are rounded up to a multiple of this
         (the padding is 0 and is cropped off the result).
+      window_average: with ``window``, 'logits' (MMSegmentation's ``slide_inference``: the
+        windows' logits averaged, then one softmax) or 'probs' (the windows' probabilities
+        averaged).
     """
     scales = check_options(scales, window, overlap)
+    if window_average not in WINDOW_AVERAGES:
+        raise ValueError(
+            f"window_average must be one of {', '.join(map(repr, WINDOW_AVERAGES))}, "
+            f"got {window_average!r}."
+        )
     if pad_multiple < 1:
         raise ValueError(f"pad_multiple must be a positive number of pixels, got {pad_multiple}.")
     batch, height, width, _ = images.shape
@@ -187,10 +207,16 @@ def predict_probs(
     def probs_fn(x):
         return jax.nn.softmax(apply_fn(x).astype(jnp.float32), axis=-1)
 
+    def logits_fn(x):
+        return apply_fn(x).astype(jnp.float32)
+
     def run(x):
         if window is None:
             return probs_fn(x)
-        return sliding_window_probs(probs_fn, x, window=window, overlap=overlap)
+        if window_average == "probs":
+            return sliding_window_probs(probs_fn, x, window=window, overlap=overlap)
+        logits = sliding_window_probs(logits_fn, x, window=window, overlap=overlap)
+        return jax.nn.softmax(logits, axis=-1)
 
     total = None
     for scale in scales:

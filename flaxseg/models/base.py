@@ -12,9 +12,10 @@ decoder (as torchvision's ``_SimpleSegmentationModel`` and smp's ``SegmentationM
     ``in_channels`` channels (``check_images``; wrapped in by ``__init_subclass__``, so no model
     file has to remember it and none can skip it);
   - ``resolve_output_stride(output_stride)``: the apply-time override, else the constructor's;
-  - ``create_backbone(...)``: ``backbones.create`` with the model's backbone, width, dtypes and
-    ``remat``, named ``backbone``;
-  - ``finish(logits, images)``: bilinear resize to the input's H×W and float32 cast;
+  - ``create_backbone(...)``: ``backbones.create`` with the model's backbone, width, dtypes,
+    ``remat`` and (EfficientNet) ``drop_path_rate``, named ``backbone``;
+  - ``finish(logits, images)``: bilinear resize to the input's H×W and float32 cast (the score
+    map itself inside ``layers.score_map_outputs()``, for losses at its resolution);
   - ``sow_aux_head(...)``: the auxiliary FCN head whose logits go to the ``'aux'`` collection;
   - ``pretrained_backbone()``: which ImageNet network initialises the model and where it sits,
     which ``flaxseg.weights.load_pretrained_backbone`` asks instead of guessing from names.
@@ -34,11 +35,14 @@ from flaxseg.models.heads import FCNHead, SMPTwin
 from flaxseg.models.layers import (
     Dtype,
     KeyMap,
+    batch_norm_momentum,
     check_at_least,
     check_choice,
     check_output_stride,
+    check_rate,
     prefix_key_map,
     resize_bilinear,
+    returns_score_maps,
     sow_aux_logits,
 )
 
@@ -92,6 +96,16 @@ class SegmentationModel(nn.Module):
     (``backbones.create(..., remat=True)``): less device memory for about one more forward pass
     of the backbone. It changes no variable, so checkpoints trained with and without it are
     interchangeable; backbones without repeated units (VGG, AlexNet, U-Net's own path) ignore it.
+
+    ``bn_momentum`` (default None: each layer's own, PyTorch's 0.9 or an EfficientNet flavour's)
+    is the running-statistics momentum of every BatchNorm in the model, backbone and heads
+    (flax's convention, the weight of the old value, as TF's ``batch_norm_decay``: TF DeepLab
+    v3/v3+ train with 0.9997). It changes no variable (``layers.batch_norm_momentum``).
+
+    ``drop_path_rate`` (default 0: off) is an EfficientNet encoder's stochastic depth (timm's
+    ``drop_path_rate``; smp's EfficientNet encoders train with 0.2): block i of N drops its
+    residual branch with probability rate·i/N in training, and ``train=True`` then needs
+    ``rngs={'dropout': key}`` (the train step gives one). Other backbones refuse it.
     """
 
     TITLE: ClassVar[str] = "model"
@@ -104,6 +118,8 @@ class SegmentationModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     in_channels: int = 3
     remat: bool = False
+    bn_momentum: float | None = None
+    drop_path_rate: float = 0.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Wrapped before flax wraps its methods, so that init and apply both check the images.
@@ -113,7 +129,8 @@ class SegmentationModel(nn.Module):
             @functools.wraps(call)
             def checked_call(self, images, *args, **kwargs):
                 self.check_images(images)
-                return call(self, images, *args, **kwargs)
+                with batch_norm_momentum(self.bn_momentum):
+                    return call(self, images, *args, **kwargs)
 
             cls.__call__ = checked_call
         super().__init_subclass__(**kwargs)
@@ -130,6 +147,14 @@ class SegmentationModel(nn.Module):
             check_output_stride(self.output_stride)
         check_at_least("num_classes", self.num_classes)
         check_at_least("in_channels", self.in_channels)
+        if self.bn_momentum is not None:
+            check_rate("bn_momentum", self.bn_momentum)
+        check_rate("drop_path_rate", self.drop_path_rate)
+        if self.drop_path_rate and self.backbone not in backbones.EFFICIENTNETS:
+            raise ValueError(
+                f"drop_path_rate (stochastic depth) is an EfficientNet encoder option; "
+                f"{self.TITLE} with backbone {self.backbone!r} has none: leave it at 0."
+            )
         super().__post_init__()
 
     def check_images(self, images: jax.Array) -> None:
@@ -172,12 +197,17 @@ class SegmentationModel(nn.Module):
         ``base_width`` and ``remat``; ``kwargs`` (``output_stride``, ``multi_grid``, ...) go to
         ``create``."""
         kwargs = {"base_width": getattr(self, "base_width", 64), "remat": self.remat, **kwargs}
+        if self.drop_path_rate:  # EfficientNet's stochastic depth (checked at construction)
+            kwargs["drop_path_rate"] = self.drop_path_rate
         return backbones.create(
             self.backbone, dtype=self.dtype, param_dtype=self.param_dtype, name="backbone", **kwargs
         )
 
     def finish(self, logits: jax.Array, images: jax.Array) -> jax.Array:
-        """The model's output: ``logits`` resized bilinearly to the images' H×W, float32."""
+        """The model's output: ``logits`` resized bilinearly to the images' H×W, float32
+        (inside ``layers.score_map_outputs()``: not resized)."""
+        if returns_score_maps():
+            return logits.astype(jnp.float32)
         return resize_bilinear(logits, images.shape[1:3]).astype(jnp.float32)
 
     def sow_aux_head(

@@ -33,6 +33,7 @@ from flaxseg.models.layers import (
     conv_bn_key_map,
     conv_key_map,
     conv_without_bias,
+    he_normal_fan_out,
 )
 
 
@@ -316,6 +317,7 @@ class SMPSeparableConvBNAct(nn.Module):
             padding=((pad, pad), (pad, pad)),
             kernel_dilation=(d, d),
             feature_group_count=x.shape[-1],
+            kernel_init=he_normal_fan_out(groups=x.shape[-1]),
             name="conv_dw",
         )(x)
         x = conv(self.features, (1, 1), name="conv_pw")(x)

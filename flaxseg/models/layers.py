@@ -71,9 +71,24 @@ def check_rate(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
 
 
-def he_normal_fan_out() -> Callable:
-    """torchvision's conv init (kaiming_normal_, mode='fan_out', relu) for from-scratch training."""
-    return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+def he_normal_fan_out(groups: int = 1) -> Callable:
+    """torchvision's conv init (kaiming_normal_, mode='fan_out', relu) for from-scratch training:
+    std √(2 / fan_out), fan_out = k·k·out_channels.
+
+    ``groups`` > 1 (depthwise and grouped convs; pass the conv's ``feature_group_count``) divides
+    fan_out by the group count, as timm's ``_init_weight_goog`` (``fix_group_fanout=True``) does
+    for its EfficientNet/MobileNet depthwise convs: each output of a depthwise k×k conv reads
+    k·k inputs, not k·k·channels. (torchvision's ``kaiming_normal_`` on a depthwise weight
+    [C, 1, k, k] counts the full C·k·k; timm's is the He rule for the connections that exist.)
+    """
+    return nn.initializers.variance_scaling(2.0 * groups, "fan_out", "normal")
+
+
+def he_normal_fan_in() -> Callable:
+    """He-normal over the incoming connections: std √(2 / N), N = k·k·in_channels (the U-Net
+    paper's rule, Ronneberger et al. 2015, Sec. 3: "N denotes the number of incoming nodes of
+    one neuron", e.g. 9·64 = 576 for a 3×3 conv on 64 channels)."""
+    return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 _BATCH_NORM_AXIS: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
@@ -95,14 +110,37 @@ def synchronized_batch_norm(axis_name: Optional[str]):
         _BATCH_NORM_AXIS.reset(token)
 
 
+_BATCH_NORM_MOMENTUM: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar(
+    "batch_norm_momentum", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_norm_momentum(momentum: Optional[float]):
+    """Within this context every BatchNorm built by ``batch_norm`` keeps running statistics with
+    ``momentum`` (flax's convention: the weight of the old value; TF's ``decay``), overriding
+    each layer's own default (PyTorch's 0.9, a backbone flavour's). None changes nothing (an
+    enclosing context's value stays). ``SegmentationModel.bn_momentum`` sets it around a
+    model's call; it changes no variable, only how the running statistics move."""
+    if momentum is None:
+        yield
+        return
+    token = _BATCH_NORM_MOMENTUM.set(momentum)
+    try:
+        yield
+    finally:
+        _BATCH_NORM_MOMENTUM.reset(token)
+
+
 def batch_norm(
     train: bool, dtype: Dtype, param_dtype: Dtype, epsilon: float = BN_EPSILON
 ) -> Callable[..., nn.BatchNorm]:
     """``nn.BatchNorm`` with PyTorch's momentum and (by default) epsilon, normalising with the
-    batch's statistics when ``train`` and with the running ones otherwise; call it with a name.
-    Inside ``synchronized_batch_norm(axis)`` the batch statistics span that pmap axis."""
-    return functools.partial(
-        nn.BatchNorm,
+    batch's statistics when ``train`` and with the running ones otherwise; call it with a name
+    (and optionally a layer's own ``momentum``). Inside ``synchronized_batch_norm(axis)`` the
+    batch statistics span that pmap axis; inside ``batch_norm_momentum(m)`` every layer's
+    momentum is ``m``."""
+    settings = dict(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=epsilon,
@@ -110,6 +148,10 @@ def batch_norm(
         param_dtype=param_dtype,
         axis_name=_BATCH_NORM_AXIS.get() if train else None,
     )
+    momentum = _BATCH_NORM_MOMENTUM.get()
+    if momentum is None:
+        return functools.partial(nn.BatchNorm, **settings)
+    return lambda **kwargs: nn.BatchNorm(**{**settings, **kwargs, "momentum": momentum})
 
 
 # ``conv_by_taps`` switches from one XLA convolution to a sum of per-tap matmuls when at most
@@ -349,6 +391,7 @@ class SeparableConv(nn.Module):
             padding=((pad, pad), (pad, pad)),
             kernel_dilation=(d, d),
             feature_group_count=channels,
+            kernel_init=he_normal_fan_out(groups=channels),
             name="conv_dw",
         )(x)
         x = act(norm(name="bn_dw")(x))
@@ -743,6 +786,29 @@ def _keep_latest(previous, value):
     return value
 
 
+_SCORE_MAPS: contextvars.ContextVar[bool] = contextvars.ContextVar("score_maps", default=False)
+
+
+@contextlib.contextmanager
+def score_map_outputs():
+    """Within this context a model returns (and sows as auxiliary logits) its score maps at the
+    resolution its head computes them, skipping the final bilinear resize to the input's size
+    (``SegmentationModel.finish``, ``sow_aux_logits``): e.g. DeepLab v1/v2's stride-8 maps, 41×41
+    for a 321×321 input. For losses taken at the score map's resolution as Caffe's DeepLab
+    does (``flaxseg.training.steps``, ``--config.loss_resolution=score_map``); it changes no
+    variable. Models whose logits are already at the input's size return them unchanged."""
+    token = _SCORE_MAPS.set(True)
+    try:
+        yield
+    finally:
+        _SCORE_MAPS.reset(token)
+
+
+def returns_score_maps() -> bool:
+    """True inside ``score_map_outputs()``."""
+    return _SCORE_MAPS.get()
+
+
 def sow_aux_logits(module: nn.Module, name: str, logits: Array, size: Sequence[int]) -> None:
     """Return auxiliary logits from ``module`` through the ``AUX_COLLECTION`` collection.
 
@@ -751,11 +817,14 @@ def sow_aux_logits(module: nn.Module, name: str, logits: Array, size: Sequence[i
     with ``mutable=[..., 'aux']`` (``init`` keeps them too: drop the collection from initialised
     variables). The entry ``aux[<module path>][name]`` is the array itself, overwritten rather
     than appended to, so a stale 'aux' collection passed back in cannot double-count.
+    Inside ``score_map_outputs()`` they keep their own resolution.
     """
+    if not returns_score_maps():
+        logits = resize_bilinear(logits, size)
     module.sow(
         AUX_COLLECTION,
         name,
-        resize_bilinear(logits, size).astype(jnp.float32),
+        logits.astype(jnp.float32),
         init_fn=lambda: None,
         reduce_fn=_keep_latest,
     )

@@ -57,6 +57,7 @@ from flaxseg.models.layers import (
     check_rate,
     conv_bn_key_map,
     conv_key_map,
+    he_normal_fan_in,
     max_pool,
 )
 
@@ -95,7 +96,12 @@ def valid_output_size(size: int, levels: int = LEVELS) -> int:
 
 
 class DoubleConv(nn.Module):
-    """Two 3×3 conv (+ optional BN) + ReLU: one U-Net level. 'valid' removes 4 pixels."""
+    """Two 3×3 conv (+ optional BN) + ReLU: one U-Net level. 'valid' removes 4 pixels.
+
+    Kernels start He-normal over the *incoming* connections, std √(2 / N) with N = 9·C_in (the
+    paper, Sec. 3); smp's decoder (``initialize_decoder``: ``kaiming_uniform_``, fan_in) has the
+    same variance with a uniform distribution.
+    """
 
     features: int
     padding: str = "same"
@@ -111,6 +117,7 @@ class DoubleConv(nn.Module):
             3,
             padding=1 if self.padding == "same" else 0,
             use_bn=self.batchnorm,
+            kernel_init=he_normal_fan_in(),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

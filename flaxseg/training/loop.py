@@ -78,7 +78,12 @@ def jit_train_step(config, mesh):
     options = remat_compiler_options(config)
     parallel = config.get("parallel", "jit")
     if not config.adversarial:
-        step = functools.partial(steps.train_step, **common, grad_accum=config.get("grad_accum", 1))
+        step = functools.partial(
+            steps.train_step,
+            **common,
+            grad_accum=config.get("grad_accum", 1),
+            loss_resolution=config.get("loss_resolution", "input"),
+        )
         return _jit_step(step, mesh, options, parallel)
     return _jit_step(
         functools.partial(

@@ -30,7 +30,7 @@ from flaxseg import losses, models
 from flaxseg.configs import models as model_configs
 from flaxseg.models import adversarial as adversarial_models
 from flaxseg.serving.restore import DTYPES
-from flaxseg.training import optim, sharding
+from flaxseg.training import optim, sharding, steps
 
 # Constructor arguments that change only how a model computes, not which arrays it has.
 COMPUTE_ONLY_KWARGS = ("dtype", "remat")
@@ -113,6 +113,17 @@ def validate_config(config) -> None:
     )
     optim.validate_param_groups(config.param_groups)
     create_loss(config)  # an unknown loss, a malformed expression, bad class weights
+    loss_resolution = config.get("loss_resolution", "input")
+    if loss_resolution not in steps.LOSS_RESOLUTIONS:
+        raise ValueError(
+            f"--config.loss_resolution={loss_resolution!r} is not one of "
+            f"{', '.join(steps.LOSS_RESOLUTIONS)}."
+        )
+    if loss_resolution != "input" and config.adversarial:
+        raise ValueError(
+            "--config.loss_resolution=score_map does not combine with --adversarial (the "
+            "adversary scores full-resolution maps); use --config.loss_resolution=input."
+        )
     check_model_kwargs(dict(config.model.kwargs))
     if config.adversarial:
         validate_adversarial(config)

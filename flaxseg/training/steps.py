@@ -10,6 +10,8 @@ No host I/O, no Python side effects, static shapes, so each jits once. The same 
       over it (SyncBN), so the update equals the mesh path's; the confusion matrix is summed.
 `grad_accum=N` splits each device's batch into N micro-batches, one forward and backward pass
 each, whose gradients add up to those of the whole batch (`train_step`).
+`loss_resolution='score_map'` takes the losses at the resolution of the model's score maps
+(Caffe DeepLab v1/v2) instead of on logits upsampled to the input's size (`train_step`).
 Configuration (the loss function, ignore label, auxiliary-loss weight, class count) is bound with
 functools.partial before jitting; nothing is read from a global.
 """
@@ -20,9 +22,15 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxseg import metrics as metrics_lib
-from flaxseg.models.layers import AUX_COLLECTION, synchronized_batch_norm
+from flaxseg.models.layers import AUX_COLLECTION, score_map_outputs, synchronized_batch_norm
+
+# Where the training losses are taken: 'input' on the model's output at the input's size (the
+# default; torchvision, MMSegmentation, TF DeepLab), 'score_map' on its score maps before the
+# final upsampling, against labels shrunk to their size (Caffe DeepLab v1/v2, `shrink_labels`).
+LOSS_RESOLUTIONS = ("input", "score_map")
 
 
 def model_variables(params, batch_stats):
@@ -47,6 +55,37 @@ def batch_norm_context(axis_name: Optional[str]):
     if axis_name is None:
         return contextlib.nullcontext()
     return synchronized_batch_norm(axis_name)
+
+
+def _shrink_indices(in_size: int, out_size: int) -> np.ndarray:
+    # Caffe Interp's sample positions i·(in − 1)/(out − 1) (corners aligned), rounded half up;
+    # integer arithmetic so that exact positions stay exact.
+    if out_size == 1:
+        return np.zeros(1, np.int32)
+    i = np.arange(out_size)
+    return ((2 * i * (in_size - 1) + (out_size - 1)) // (2 * (out_size - 1))).astype(np.int32)
+
+
+def shrink_labels(labels: jax.Array, size) -> jax.Array:
+    """Labels [B, H, W] shrunk to ``size`` (h, w) by nearest sampling at Caffe ``Interp``'s
+    positions: row i takes input row i·(H − 1)/(h − 1), rounded (corners aligned).
+
+    DeepLab's released Caffe nets (v1 LargeFOV and v2 ``train.prototxt``: a ``label_shrink``
+    ``Interp`` layer, ``shrink_factor: 8``, giving (H − 1)/8 + 1 rows: 321 -> 41) compute the
+    loss on labels shrunk this way to the stride-8 score map. Interp interpolates bilinearly
+    with aligned corners; where (H − 1)/(h − 1) is an integer (321 -> 41: every 8th pixel, from
+    pixel 0) every position is a pixel and bilinear sampling is exactly this nearest sampling.
+    Elsewhere Caffe would blend label *values* (meaningless for class ids, and 255 with a class
+    truncates to another id); nearest sampling is the sound reading of it. (From the released
+    prototxts as described in the DeepLab papers and issue 22; the deeplab-public files were
+    not re-read in this change.)"""
+    rows = _shrink_indices(labels.shape[1], int(size[0]))
+    cols = _shrink_indices(labels.shape[2], int(size[1]))
+    return labels[:, rows][:, :, cols]
+
+
+def _labels_at(labels: jax.Array, size) -> jax.Array:
+    return labels if tuple(labels.shape[1:3]) == tuple(size) else shrink_labels(labels, size)
 
 
 def split_micro_batches(batch: dict, grad_accum: int) -> dict:
@@ -112,6 +151,7 @@ def train_step(
     skip_nonfinite: bool = False,
     axis_name: Optional[str] = None,
     grad_accum: int = 1,
+    loss_resolution: str = "input",
 ):
     """One SGD step on `batch = {'image': [B,H,W,3] float, 'label': [B,H,W] int}`.
 
@@ -130,22 +170,47 @@ def train_step(
     Metric 'nonfinite' is 1 when the loss or a gradient is not finite. With `skip_nonfinite`
     such an update is dropped (parameters, BatchNorm statistics and optimiser state keep their
     values; the step count advances); without it the loop stops the run.
+    `loss_resolution='score_map'` applies the model inside `layers.score_map_outputs()`: the
+    main and auxiliary logits stay at their score maps' resolution (DeepLab v1/v2: stride 8),
+    and every loss and the pixel accuracy are taken there, against the labels shrunk to each
+    map's size (`shrink_labels`), as Caffe's DeepLab trains. 'input' (default): on the logits
+    at the input's size.
     """
+    assert loss_resolution in LOSS_RESOLUTIONS, loss_resolution
     dropout_rng = step_rng(rng, state.step, axis_name)
-    shares = _LossShares(loss_fn, batch["label"], axis_name, grad_accum)
 
-    def objective(params, part, part_rng):
-        with batch_norm_context(axis_name):
-            logits, updates = state.apply_fn(
+    def forward(params, part, part_rng):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(batch_norm_context(axis_name))
+            if loss_resolution == "score_map":
+                stack.enter_context(score_map_outputs())
+            return state.apply_fn(
                 model_variables(params, state.batch_stats),
                 part["image"],
                 train=True,
                 mutable=["batch_stats", AUX_COLLECTION],
                 rngs={"dropout": part_rng},
             )
-        main_loss, terms = shares(logits, part["label"])
+
+    sizes = {tuple(batch["label"].shape[1:3])}
+    if loss_resolution == "score_map":  # the sizes of the maps the losses are taken on
+        part = jax.tree.map(lambda x: x[: x.shape[0] // grad_accum], batch)
+        logits, updates = jax.eval_shape(forward, state.params, part, dropout_rng)
+        outputs = (logits, updates.get(AUX_COLLECTION, {}))
+        sizes = {tuple(x.shape[1:3]) for x in jax.tree.leaves(outputs)}
+    # Each size's shares of the loss, with the whole batch's denominators at that size.
+    shares_at = {
+        size: _LossShares(loss_fn, _labels_at(batch["label"], size), axis_name, grad_accum)
+        for size in sizes
+    }
+
+    def objective(params, part, part_rng):
+        logits, updates = forward(params, part, part_rng)
+        shares = shares_at[tuple(logits.shape[1:3])]
+        labels = _labels_at(part["label"], logits.shape[1:3])
+        main_loss, terms = shares(logits, labels)
         aux_losses = [
-            shares(aux, part["label"])[0]
+            shares_at[tuple(aux.shape[1:3])](aux, _labels_at(part["label"], aux.shape[1:3]))[0]
             for aux in jax.tree.leaves(updates.get(AUX_COLLECTION, {}))
         ]
         aux_loss = sum(aux_losses) if aux_losses else jnp.zeros((), jnp.float32)
@@ -154,8 +219,8 @@ def train_step(
             weight, extra_fn, name = extra_loss
             terms = {**terms, name: shares.mean(extra_fn(logits))}
             total = total + weight * terms[name]
-        valid = part["label"] != ignore_label
-        correct = jnp.sum((jnp.argmax(logits, -1) == part["label"]) & valid)
+        valid = labels != ignore_label
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
         sums = {
             "loss": total,
             **terms,

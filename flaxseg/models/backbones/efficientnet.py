@@ -35,9 +35,12 @@ everything that differs between the implementations in use:
   kernel``); ``efficientnet_key_map('efficientnet-b*')`` maps the same paths onto smp's
   lukemelas keys (``_blocks.N._depthwise_conv``). The classifier head (``conv_head``,
   ``bn2``/``_bn1``, ``classifier``/``_fc``) is not built: no twin's features use it.
+* Initialisation from scratch is timm's (``_init_weight_goog``): convolutions He-normal over
+  fan_out, depthwise ones over fan_out // groups (k·k); pretrained weights replace it.
 * Drop path (stochastic depth; timm ``drop_path_rate``, lukemelas ``drop_connect_rate`` 0.2 in
-  smp): off by default. With ``drop_path_rate > 0`` and ``train=True`` block i of N drops its
-  residual branch with probability ``rate·i/N`` and the call needs ``rngs={'dropout': key}``.
+  smp): off by default, a model option (``SegmentationModel.drop_path_rate``). With
+  ``drop_path_rate > 0`` and ``train=True`` block i of N drops its residual branch with
+  probability ``rate·i/N`` and the call needs ``rngs={'dropout': key}``.
 """
 
 import dataclasses
@@ -61,6 +64,7 @@ from flaxseg.models.layers import (
     check_rate,
     conv_key_map,
     conv_without_bias,
+    he_normal_fan_out,
     rematerialised,
 )
 
@@ -344,6 +348,7 @@ class MBConv(nn.Module):
             padding=pads,
             kernel_dilation=(d, d),
             feature_group_count=expanded,
+            kernel_init=he_normal_fan_out(groups=expanded),  # timm's fan_out // groups
             name=names[0],
         )(x)
         x = nn.silu(norm(names[1])(x))

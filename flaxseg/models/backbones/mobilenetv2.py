@@ -40,6 +40,7 @@ from flaxseg.models.layers import (
     check_output_stride,
     conv_key_map,
     conv_without_bias,
+    he_normal_fan_out,
     rematerialised,
 )
 
@@ -117,6 +118,7 @@ class InvertedResidual(nn.Module):
             padding=((d, d), (d, d)),
             kernel_dilation=(d, d),
             feature_group_count=hidden,
+            kernel_init=he_normal_fan_out(groups=hidden),  # timm's fan_out // groups
             name=f"conv_{index}_0",
         )(x)
         x = nn.relu6(norm(name=f"conv_{index}_1")(x))
