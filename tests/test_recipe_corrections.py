@@ -66,7 +66,9 @@ def test_fcn_recipes_decay_per_step_equals_caffes(recipe, caffe_base_lr):
     )
     np.testing.assert_array_equal(updates["score_fr"]["bias"], 0.0)  # biases: decay_mult 0
     groups = _param_groups(
-        models.create_model(config.model, num_classes=3, base_width=4, fc_channels=8), config, 64
+        models.create_model(config.model.name, num_classes=3, base_width=4, fc_channels=8),
+        config,
+        64,
     )
     for name, group in groups.items():
         if name.startswith("upscore"):
