@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_config
 from model_helpers import random_variables
-from test_training import tiny_config
 
 from flaxseg import models
 from flaxseg.models import adversarial as adversarial_models

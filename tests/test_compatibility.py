@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_training import TINY_FCN, tiny_config
+from helpers import TINY_FCN, tiny_config
 
 from flaxseg.training import checkpointing, evaluation, loop
 from flaxseg.training import spec as spec_lib
@@ -38,9 +38,8 @@ def _kwargs(**extra) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, data_dir):
     """A finished 2-step run of a tiny FCN-8s (VGG-16, 21 classes, RGB, float32)."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = tmp_path_factory.mktemp("fcn8s")
     loop.train_and_evaluate(_config(data_dir), workdir)
     return data_dir, workdir

@@ -1,19 +1,17 @@
 """Every encoder added for segmentation_models_pytorch compatibility trains inside U-Net and
 DeepLab v3+ on the synthetic set.
 
-Same setup as tests/test_registry_training.py (``tiny_config``: 48 px crops, batch 2, the real
-input pipeline and jitted train step), with the encoder as the model's backbone at tiny widths
-(tests/tiny_models.py ``TINY_ENCODER_KWARGS``): with working gradients the loss on one real
-batch must drop within a few steps.
+Same setup as tests/test_registry_training.py (``helpers.tiny_model_config``: 48 px crops,
+batch 2, the real input pipeline and jitted train step), with the encoder as the model's
+backbone at tiny widths (tests/tiny_models.py ``TINY_ENCODER_KWARGS``): with working gradients
+the loss on one real batch must drop within a few steps.
 """
-
-import json
 
 import jax
 import numpy as np
 import pytest
 import tiny_models
-from test_registry_training import tiny_config
+from helpers import tiny_model_config
 
 from flaxseg.training import inputs, loop, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
@@ -32,19 +30,13 @@ CASES += [("deeplabv3plus", encoder) for encoder in ENCODERS]  # head='smp'
 CASES += [("deeplabv3plus_paper", encoder) for encoder in ENCODERS[:3]]  # ResNets: the paper head
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 @pytest.mark.parametrize("model_name, encoder", CASES)
 def test_encoder_trains_inside_the_model(model_name, encoder, data_dir):
     name = model_name.removesuffix("_paper")
     kwargs = {**tiny_models.TINY_ENCODER_KWARGS[name], "backbone": encoder}
     if model_name.endswith("_paper"):
         kwargs["head"] = "paper"
-    config = tiny_config(name, data_dir)
-    config.model_kwargs = json.dumps(kwargs)
+    config = tiny_model_config(name, data_dir, kwargs)
     mesh = create_mesh()
     model = spec.build_model(spec.model_spec(config))
     assert model.backbone == encoder

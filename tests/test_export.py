@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_predict import reference_logits, trained_workdir
+from helpers import reference_logits
 
 from flaxseg import export
 from flaxseg.training import exporting, prediction
@@ -24,8 +24,8 @@ HEIGHT, WIDTH = 37, 53
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return trained_workdir(tmp_path_factory)
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from test_training import tiny_config
-from tiny_models import TINY_KWARGS
+from helpers import tiny_config, tiny_model
 
 from flaxseg import models, weights
 from flaxseg.training import loop
@@ -21,8 +20,7 @@ from flaxseg.training import loop
 NUM_CLASSES = 5
 
 
-def _tiny(name, **kwargs):
-    return models.create_model(name, num_classes=NUM_CLASSES, **{**TINY_KWARGS[name], **kwargs})
+_tiny = functools.partial(tiny_model, num_classes=NUM_CLASSES)
 
 
 def _shapes(model, images):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_training import tiny_config
+from helpers import tiny_config
 
 from flaxseg.training import loop, sharding
 from flaxseg.training import spec as spec_lib
@@ -36,7 +36,7 @@ _EIGHT_DEVICES = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from test_training import tiny_config
+from helpers import tiny_config
 from flaxseg import models
 from flaxseg.training import loop, sharding, spec
 assert jax.device_count() == 8, jax.devices()

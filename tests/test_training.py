@@ -12,38 +12,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_FCN, tiny_config
 
-from flaxseg.configs import default
 from flaxseg.training import checkpointing, evaluation, loop
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **overrides):
-    config = default.get_config()
-    config.model = "fcn8s"
-    config.backbone = "vgg16"
-    config.model_kwargs = TINY_FCN
-    config.dataset = "synthetic"
-    config.data_dir = data_dir
-    config.crop_size = 64
-    config.batch_size = 4
-    config.eval_batch_size = 4
-    config.steps = 12
-    config.lr = 0.01
-    config.log_every = 3
-    config.eval_every = 1000
-    config.checkpoint_every = 6
-    config.progress_bar = False
-    for key, value in overrides.items():
-        config[key] = value
-    return config
 
 
 def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
