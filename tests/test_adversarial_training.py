@@ -18,6 +18,8 @@ from flaxseg.models import adversarial as adversarial_models
 from flaxseg.training import adversarial, checkpointing, evaluation, loop, losses
 from flaxseg.training import state as state_lib
 
+pytestmark = pytest.mark.slow  # trains adversarial runs
+
 NUM_CLASSES = 5
 ADVERSARY = dict(width=0.125)
 

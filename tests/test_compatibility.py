@@ -14,6 +14,8 @@ from helpers import TINY_FCN, tiny_config
 from flaxseg.training import checkpointing, evaluation, loop
 from flaxseg.training import spec as spec_lib
 
+pytestmark = pytest.mark.slow  # trains and restores runs
+
 
 def _fingerprint(directory: Path) -> dict:
     """{path: (sha256, mtime)} of every file, {path: None} of every folder."""

@@ -29,6 +29,8 @@ import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles every DeepLab for parity with PyTorch
+
 NUM_CLASSES = 5
 # Tiny variants covering every code path: (registry name, kwargs).
 CASES = {

@@ -16,6 +16,8 @@ from helpers import tiny_model_config
 from flaxseg.training import inputs, loop, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
+pytestmark = pytest.mark.slow  # trains every encoder
+
 ENCODERS = (
     "resnet18",
     "resnet34",

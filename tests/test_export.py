@@ -19,6 +19,8 @@ from helpers import reference_logits
 from flaxseg import export
 from flaxseg.training import exporting, prediction
 
+pytestmark = pytest.mark.slow  # trains a run once per session, reloads exports in new processes
+
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 37, 53
 

@@ -26,6 +26,8 @@ from helpers import tiny_config
 from flaxseg.training import loop, sharding
 from flaxseg.training import spec as spec_lib
 
+pytestmark = pytest.mark.slow  # compiles train steps on 8 virtual devices and under pmap
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A U-Net with BatchNorm after every conv and no dropout (dropout masks are drawn per device

@@ -22,6 +22,8 @@ from flaxseg.data import voc_colormap
 from flaxseg.inference.crf import dense_crf
 from flaxseg.training import prediction
 
+pytestmark = pytest.mark.slow  # trains a run (once per session) and runs predict.py
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,6 +18,8 @@ from model_helpers import check_train_mode, random_variables
 from flaxseg import models
 from flaxseg.models import pspnet, refinenet
 
+pytestmark = pytest.mark.slow  # compiles PSPNet and RefineNet for parity with PyTorch
+
 NUM_CLASSES = 3
 
 

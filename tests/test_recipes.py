@@ -19,6 +19,8 @@ from flax import traverse_util
 from flaxseg.training import cli, loop, optim, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
+pytestmark = pytest.mark.slow  # trains every paper recipe
+
 RECIPES = sorted(
     p.stem for p in (Path(__file__).resolve().parents[1] / "flaxseg" / "configs").glob("*_voc.py")
 )

@@ -14,6 +14,8 @@ from flaxseg import models
 from flaxseg.training import evaluation, inputs, loop, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
+pytestmark = pytest.mark.slow  # trains every registered model
+
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_model_trains_and_evaluates(name, data_dir, tmp_path):

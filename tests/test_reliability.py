@@ -16,6 +16,8 @@ from helpers import TINY_FCN, tiny_config
 
 from flaxseg.training import checkpointing, evaluation, loop
 
+pytestmark = pytest.mark.slow  # trains and kills train.py processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

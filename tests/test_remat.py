@@ -24,6 +24,8 @@ from flaxseg.configs import default
 from flaxseg.models import backbones
 from flaxseg.training import checkpointing, cli, loop, spec
 
+pytestmark = pytest.mark.slow  # compiles gradients of every backbone with and without remat
+
 NUM_CLASSES = 3
 # What GPU/TPU compilers do by themselves, and the loop does on CPU: keep the barriers.
 KEEP_REMAT = loop.CPU_REMAT_COMPILER_OPTIONS

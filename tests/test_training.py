@@ -19,6 +19,7 @@ from flaxseg.training import checkpointing, evaluation, loop
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
     config = tiny_config(
         data_dir,
@@ -44,6 +45,7 @@ def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
     assert summary["report"].splitlines()[-1].startswith("mIoU: ")
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_and_is_exact(data_dir, tmp_path):
     straight = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "straight")
     first = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "resumed", stop_at_step=6)
@@ -116,6 +118,7 @@ def _run(args, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_train_and_eval_entry_points(data_dir, tmp_path):
     workdir = tmp_path / "wd"
     train = _run(
@@ -228,6 +231,7 @@ print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_mesh_matches_single_device_and_pmap_runs(tmp_path):
     result = _run(
         ["-c", _DATA_PARALLEL], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -258,6 +262,7 @@ def _tiny_resnet_torch_file(path, base_width):
     return flat
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
     source = _tiny_resnet_torch_file(tmp_path / "resnet50.pth", base_width=4)
     config = tiny_config(
@@ -286,6 +291,7 @@ def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
         )
 
 
+@pytest.mark.slow
 def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
     config = tiny_config(
         data_dir,
@@ -304,6 +310,7 @@ def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
         evaluation.evaluate_workdir(tmp_path, output_stride=12)
 
 
+@pytest.mark.slow
 def test_init_from_copies_matching_parameters_of_another_run(data_dir, tmp_path, capsys):
     """FCN's staged training: FCN-16s starts from a trained FCN-32s; the new skip starts at 0."""
     first = tiny_config(data_dir, model="fcn32s", steps=2, checkpoint_every=2)
