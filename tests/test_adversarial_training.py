@@ -152,8 +152,7 @@ ADVERSARIAL = dict(
 )
 
 
-def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(tmp_path):
-    data_dir = str(tmp_path / "tfds")
+def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(data_dir, tmp_path):
     config = functools.partial(
         tiny_config, data_dir, steps=6, checkpoint_every=3, log_every=1, **ADVERSARIAL
     )

@@ -2,7 +2,6 @@
 use of them: exact sizes, equalities with plain inference, padded batches, bounded compiles."""
 
 import functools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 import tiny_models
+from helpers import set_model
 
 from flaxseg import data, inference, models
 from flaxseg import metrics as metrics_lib
@@ -320,14 +320,13 @@ def test_crf_option_refines_the_tta_probabilities():
 
 
 @pytest.mark.slow
-def test_eval_workdir_with_tta(tmp_path_factory):
+def test_eval_workdir_with_tta(tmp_path_factory, data_dir):
     """A trained tiny DeepLab v1: one window covering every (160 px bucket) image gives plain
     inference's mIoU; scales and flip compile the eval step once for the one bucket."""
     config = default.get_config()
-    config.model = "deeplabv1"
-    config.model_kwargs = json.dumps(tiny_models.TINY_KWARGS["deeplabv1"])
+    set_model(config, "deeplabv1", kwargs=tiny_models.TINY_KWARGS["deeplabv1"])
     config.dataset = "synthetic"
-    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.data_dir = data_dir
     config.crop_size = 48
     config.batch_size = 2
     config.eval_batch_size = 10

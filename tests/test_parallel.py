@@ -121,7 +121,7 @@ print(json.dumps(report))
 """ % {"kwargs": UNET_BN}
 
 
-def test_mesh_pmap_and_one_device_give_the_same_update(tmp_path):
+def test_mesh_pmap_and_one_device_give_the_same_update(data_dir, tmp_path):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -129,7 +129,7 @@ def test_mesh_pmap_and_one_device_give_the_same_update(tmp_path):
         "PYTHONPATH": str(REPO / "tests"),
     }
     result = subprocess.run(
-        [sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path / "tfds"), str(tmp_path / "wd")],
+        [sys.executable, "-c", _EIGHT_DEVICES, data_dir, str(tmp_path / "wd")],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -33,11 +33,6 @@ TINY["deeplabv3plus_xception65"] = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def recipe_config(recipe: str, data_dir: str):
     config = importlib.import_module(f"flaxseg.configs.{recipe}").get_config()
     backbone = config.backbone.replace("resnet101", "resnet50")
