@@ -72,6 +72,7 @@ def test_images_of_another_channel_count_get_one_sentence(name):
     assert str(error.value) == "in_channels must be at least 1, got 0."
 
 
+@pytest.mark.slow
 def test_unet_valid_padding_checks_the_images_too():
     """U-Net with padding='valid' returns its logits without ``finish``; the check still runs.
     Real forwards at 1 and 4 channels."""
@@ -143,6 +144,7 @@ def _init(model, channels):
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
+@pytest.mark.slow
 def test_pretrained_resnet_stem_for_one_channel_gives_the_rgb_model_on_grey_images(tmp_path):
     from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
 
@@ -168,6 +170,7 @@ def test_pretrained_resnet_stem_for_one_channel_gives_the_rgb_model_on_grey_imag
     )
 
 
+@pytest.mark.slow
 def test_pretrained_vgg_stem_for_four_channels_is_repeated_and_rescaled(tmp_path):
     from flaxseg.models import backbones
 
