@@ -1,4 +1,5 @@
-"""Shared pytest setup: a persistent XLA compilation cache so repeated runs compile once."""
+"""Shared pytest setup: a persistent XLA compilation cache so repeated runs compile once, and
+the session fixtures (the synthetic data directory, a tiny trained run) of tests/helpers.py."""
 
 import os
 
@@ -16,3 +17,21 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
+
+import pytest  # noqa: E402
+from helpers import train_tiny_workdir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The TFDS data directory of the session: the synthetic set is built into it once, on the
+    first test that reads it, and every training test after that reads the same build."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, data_dir):
+    """A finished 2-step run of a tiny U-Net (BatchNorm, so batch_stats are restored too) on the
+    synthetic set, trained once per session, for the tests that only need a run directory
+    (predict, export). Tests must not write into it."""
+    return train_tiny_workdir(tmp_path_factory.mktemp("trained") / "unet", data_dir)

@@ -359,6 +359,7 @@ def _blob_maps(count, size, num_classes, rng):
     return one_hot, blurred.astype(np.float32)
 
 
+@pytest.mark.slow
 def test_an_adversary_trained_alone_separates_one_hot_maps_from_blurred_ones():
     size, num_classes, batch = 32, NUM_CLASSES, 16
     rng = np.random.default_rng(0)

@@ -10,14 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_config
 from model_helpers import random_variables
-from test_training import tiny_config
 
 from flaxseg import losses, models
 from flaxseg.models import adversarial as adversarial_models
 from flaxseg.serving import checkpoints
 from flaxseg.training import adversarial, evaluation, loop
 from flaxseg.training import state as state_lib
+
+pytestmark = pytest.mark.slow  # trains adversarial runs
 
 NUM_CLASSES = 5
 ADVERSARY = dict(width=0.125)
@@ -151,8 +153,7 @@ ADVERSARIAL = dict(
 )
 
 
-def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(tmp_path):
-    data_dir = str(tmp_path / "tfds")
+def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(data_dir, tmp_path):
     config = functools.partial(
         tiny_config, data_dir, steps=6, checkpoint_every=3, log_every=1, **ADVERSARIAL
     )

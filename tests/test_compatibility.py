@@ -9,12 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_training import TINY_FCN, tiny_config
+from helpers import TINY_FCN, tiny_config
 
 from flaxseg.serving import checkpoints
 from flaxseg.serving.restore import build_model
 from flaxseg.training import checkpointing, evaluation, loop
 from flaxseg.training import spec as spec_lib
+
+pytestmark = pytest.mark.slow  # trains and restores runs
 
 
 def _fingerprint(directory: Path) -> dict:
@@ -40,9 +42,8 @@ def _kwargs(**extra) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, data_dir):
     """A finished 2-step run of a tiny FCN-8s (VGG-16, 21 classes, RGB, float32)."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = tmp_path_factory.mktemp("fcn8s")
     loop.train_and_evaluate(_config(data_dir), workdir)
     return data_dir, workdir

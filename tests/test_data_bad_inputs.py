@@ -12,12 +12,12 @@ import logging
 import zipfile
 from pathlib import Path
 
+import cityscapes_files as cityscapes_data
 import numpy as np
 import pytest
 import scipy.io
-import test_data_cityscapes as cityscapes_data
 from PIL import Image
-from test_data_voc import VOC_TRAIN, _mask, _palette_png_bytes, write_sbd, write_voc
+from voc_files import VOC_TRAIN, _mask, _palette_png_bytes, write_sbd, write_voc
 
 from flaxseg import data
 from flaxseg.data.colormap import voc_colormap

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import images as _images
+from helpers import tiny_model
 from model_helpers import random_variables
 from parity_helpers import flat_shapes, import_torchvision
 
@@ -26,6 +28,8 @@ from flaxseg.models.heads import ASPP, ImagePooling
 import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+
+pytestmark = pytest.mark.slow  # compiles every DeepLab for parity with PyTorch
 
 NUM_CLASSES = 5
 # Tiny variants covering every code path: (registry name, kwargs).
@@ -69,7 +73,7 @@ AUX_ENTRIES = {"deeplabv2_msc": 3, "deeplabv3_torchvision": 1, "fcn_resnet": 1}
 
 def _tiny(case, **kwargs):
     name, tiny = CASES[case]
-    return models.create_model(name, num_classes=NUM_CLASSES, **{**tiny, **kwargs})
+    return tiny_model(name, NUM_CLASSES, tiny, **kwargs)
 
 
 def _shapes(model, height=64, width=64):
@@ -79,12 +83,6 @@ def _shapes(model, height=64, width=64):
         jnp.zeros((1, height, width, 3)),
     )
     return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
-
-
-def _images(batch, height, width, seed=0):
-    return jnp.asarray(
-        np.random.default_rng(seed).normal(size=(batch, height, width, 3)), jnp.float32
-    )
 
 
 # ----------------------------------------------------------------------------- shapes

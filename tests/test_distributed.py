@@ -26,6 +26,8 @@ import pytest
 from flaxseg.serving import checkpoints
 from flaxseg.training import distributed
 
+pytestmark = pytest.mark.slow  # runs train.py in several processes
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = json.dumps({"base_channels": 4, "batchnorm": True, "dropout_rate": 0.0})
 LIMIT_S = 300  # any one subprocess; a hang fails the test instead of blocking the suite

@@ -14,19 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_predict import reference_logits, trained_workdir
+from helpers import reference_logits
 
 from flaxseg import export
 from flaxseg.serving import export as exporting
 from flaxseg.serving import restore
+
+pytestmark = pytest.mark.slow  # trains a run once per session, reloads exports in new processes
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 37, 53
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return trained_workdir(tmp_path_factory)
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")

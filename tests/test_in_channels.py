@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from test_training import tiny_config
-from tiny_models import TINY_KWARGS
+from helpers import tiny_config, tiny_model
 
 from flaxseg import models, weights
 from flaxseg.training import loop
@@ -21,8 +20,7 @@ from flaxseg.training import loop
 NUM_CLASSES = 5
 
 
-def _tiny(name, **kwargs):
-    return models.create_model(name, num_classes=NUM_CLASSES, **{**TINY_KWARGS[name], **kwargs})
+_tiny = functools.partial(tiny_model, num_classes=NUM_CLASSES)
 
 
 def _shapes(model, images):
@@ -74,6 +72,7 @@ def test_images_of_another_channel_count_get_one_sentence(name):
     assert str(error.value) == "in_channels must be at least 1, got 0."
 
 
+@pytest.mark.slow
 def test_unet_valid_padding_checks_the_images_too():
     """U-Net with padding='valid' returns its logits without ``finish``; the check still runs.
     Real forwards at 1 and 4 channels."""
@@ -145,6 +144,7 @@ def _init(model, channels):
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
+@pytest.mark.slow
 def test_pretrained_resnet_stem_for_one_channel_gives_the_rgb_model_on_grey_images(tmp_path):
     from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
 
@@ -170,6 +170,7 @@ def test_pretrained_resnet_stem_for_one_channel_gives_the_rgb_model_on_grey_imag
     )
 
 
+@pytest.mark.slow
 def test_pretrained_vgg_stem_for_four_channels_is_repeated_and_rescaled(tmp_path):
     from flaxseg.models import backbones
 

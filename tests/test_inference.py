@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 import tiny_models
+from helpers import set_model
 
 from flaxseg import data, inference, models
 from flaxseg import metrics as metrics_lib
@@ -226,6 +227,7 @@ class Conv(nn.Module):
         return nn.Conv(NUM_CLASSES, (3, 3), use_bias=False)(images)
 
 
+@pytest.mark.slow
 def test_eval_compiles_once_per_bucket_over_20_sizes_and_matches_per_image_tta():
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(20, 61, size=(20, 2))]
@@ -294,6 +296,7 @@ def test_eval_py_refuses_a_bad_scale_in_one_line(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_crf_option_refines_the_tta_probabilities():
     """eval's --crf: argmax of dense_crf(the uint8 image, the TTA probabilities) per image."""
     model = Conv()
@@ -319,14 +322,14 @@ def test_crf_option_refines_the_tta_probabilities():
     np.testing.assert_array_equal(step(state, batch), expected)
 
 
-def test_eval_workdir_with_tta(tmp_path_factory):
+@pytest.mark.slow
+def test_eval_workdir_with_tta(tmp_path_factory, data_dir):
     """A trained tiny DeepLab v1: one window covering every (160 px bucket) image gives plain
     inference's mIoU; scales and flip compile the eval step once for the one bucket."""
     config = default.get_config()
-    config.model.name = "deeplabv1"
-    config.model.kwargs = tiny_models.TINY_KWARGS["deeplabv1"]
+    set_model(config, "deeplabv1", kwargs=tiny_models.TINY_KWARGS["deeplabv1"])
     config.dataset = "synthetic"
-    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.data_dir = data_dir
     config.crop_size = 48
     config.batch_size = 2
     config.eval_batch_size = 10

@@ -22,6 +22,8 @@ import segmentation_models_pytorch as smp  # noqa: E402
 import timm  # noqa: E402
 import torchvision  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles full-size MobileNet/EfficientNets for parity with PyTorch
+
 ODD = (97, 131)  # every stride-2 step rounds
 STRIDES = (2, 4, 8, 16, 32)
 

@@ -11,6 +11,8 @@ import pytest
 import tiny_models
 import torch
 from flax import traverse_util
+from helpers import images as _images
+from helpers import tiny_model
 from model_helpers import random_variables
 from parity_helpers import flat_shapes, hwio, import_torchvision, init_shapes
 
@@ -27,18 +29,11 @@ TINY_KWARGS = tiny_models.TINY_KWARGS
 FCN_NAMES = ["fcn16s", "fcn32s", "fcn8s"]
 
 
-def _tiny(name, **kwargs):
-    return models.create_model(name, num_classes=NUM_CLASSES, **TINY_KWARGS[name], **kwargs)
+_tiny = functools.partial(tiny_model, num_classes=NUM_CLASSES)
 
 
 def _jit_apply(model):
     return jax.jit(model.apply, static_argnames=("train", "mutable"))
-
-
-def _images(batch, height, width, seed=0):
-    return jnp.asarray(
-        np.random.default_rng(seed).normal(size=(batch, height, width, 3)), jnp.float32
-    )
 
 
 # ----------------------------------------------------------------------------- registry

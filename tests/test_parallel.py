@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_training import tiny_config
+from helpers import tiny_config
 
 from flaxseg.serving.restore import DTYPES, build_model
 from flaxseg.training import loop, sharding
 from flaxseg.training import spec as spec_lib
+
+pytestmark = pytest.mark.slow  # compiles train steps on 8 virtual devices and under pmap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ _EIGHT_DEVICES = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from test_training import tiny_config
+from helpers import tiny_config
 from flaxseg import models
 from flaxseg.training import loop, sharding, spec
 assert jax.device_count() == 8, jax.devices()
@@ -120,7 +122,7 @@ print(json.dumps(report))
 """ % {"kwargs": UNET_BN}
 
 
-def test_mesh_pmap_and_one_device_give_the_same_update(tmp_path):
+def test_mesh_pmap_and_one_device_give_the_same_update(data_dir, tmp_path):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -128,7 +130,7 @@ def test_mesh_pmap_and_one_device_give_the_same_update(tmp_path):
         "PYTHONPATH": str(REPO / "tests"),
     }
     result = subprocess.run(
-        [sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path / "tfds"), str(tmp_path / "wd")],
+        [sys.executable, "-c", _EIGHT_DEVICES, data_dir, str(tmp_path / "wd")],
         cwd=REPO,
         capture_output=True,
         text=True,

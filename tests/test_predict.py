@@ -2,8 +2,9 @@
 training normalisation, overlays keep the input's size, odd image modes are converted with a
 note, unreadable files are named and skipped, TTA and CRF are wired through.
 
-`trained_workdir` (shared with test_export.py) trains a tiny U-Net (BatchNorm, so batch_stats
-are restored too) for 2 steps on the synthetic set, once per pytest session.
+The workdir is the session's `trained_workdir` (tests/conftest.py, shared with test_export.py):
+a tiny U-Net (BatchNorm, so batch_stats are restored too) trained for 2 steps on the synthetic
+set.
 """
 
 import subprocess
@@ -13,54 +14,27 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import tiny_models
+from helpers import reference_logits
 from PIL import Image
 
 from flaxseg import inference
-from flaxseg.configs import default
-from flaxseg.data import pipeline, voc_colormap
+from flaxseg.data import voc_colormap
 from flaxseg.inference.crf import dense_crf
 from flaxseg.serving import predict, restore
-from flaxseg.training import loop, spec
+
+pytestmark = pytest.mark.slow  # trains a run (once per session) and runs predict.py
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def trained_workdir(tmp_path_factory) -> Path:
-    """The session's tiny trained workdir, trained on first use."""
-    root = tmp_path_factory.getbasetemp() / "predict_export_workdir"
-    workdir = root / "unet"
-    if not (workdir / "checkpoints").is_dir():
-        config = default.get_config()
-        config.model.name = "unet"
-        config.model.kwargs = tiny_models.TINY_KWARGS["unet"]
-        config.dataset = "synthetic"
-        config.data_dir = str(root / "tfds")
-        config.crop_size = 48
-        config.batch_size = 2
-        config.eval_batch_size = 2
-        config.eval_bucket_multiple = 160
-        config.steps = 2
-        config.progress_bar = False
-        loop.train_and_evaluate(spec.resolve_config(config), workdir, stop_at_step=2)
-    return workdir
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return trained_workdir(tmp_path_factory)
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")
 def restored(workdir):
     return restore.restore_model(workdir, rgb=True)
-
-
-def reference_logits(restored, image: np.ndarray) -> np.ndarray:
-    """The model on the input pipeline's own normalisation (numpy), not predict.py's."""
-    normalised = pipeline.normalise(image)
-    logits = restored["model"].apply(restored["variables"], normalised[None], train=False)
-    return np.asarray(logits[0], np.float32)
 
 
 def _random_image(rng, height, width, channels=3):

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import images as _images
+from helpers import tiny_model
 from model_helpers import check_train_mode, random_variables
-from tiny_models import TINY_KWARGS
 
 from flaxseg import models
 from flaxseg.models import pspnet, refinenet
+
+pytestmark = pytest.mark.slow  # compiles PSPNet and RefineNet for parity with PyTorch
 
 NUM_CLASSES = 3
 
@@ -28,12 +31,7 @@ def _torchvision():
     return torchvision
 
 
-def _images(batch, height, width, seed=0):
-    return jax.random.normal(jax.random.key(seed), (batch, height, width, 3))
-
-
-def _tiny(name, **kwargs):
-    return models.create_model(name, num_classes=NUM_CLASSES, **{**TINY_KWARGS[name], **kwargs})
+_tiny = functools.partial(tiny_model, num_classes=NUM_CLASSES)
 
 
 def _conv(c_in, c_out, k=3, bias=False, bn=False):

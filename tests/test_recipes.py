@@ -20,6 +20,8 @@ from flaxseg.serving.restore import build_model
 from flaxseg.training import cli, loop, optim, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
+pytestmark = pytest.mark.slow  # trains every paper recipe
+
 RECIPES = sorted(
     p.stem for p in (Path(__file__).resolve().parents[1] / "flaxseg" / "configs").glob("*_voc.py")
 )
@@ -30,11 +32,6 @@ TINY = {
 TINY["deeplabv3plus_xception65"] = dict(
     base_width=4, num_middle_units=2, aspp_channels=8, low_level_channels=4, decoder_channels=8
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 def recipe_config(recipe: str, data_dir: str):

@@ -8,42 +8,19 @@ synthetic pipeline for a few steps: with working gradients, the loss on that bat
 import jax
 import numpy as np
 import pytest
-import tiny_models
+from helpers import tiny_model_config
 
 from flaxseg import models
-from flaxseg.configs import default
 from flaxseg.serving.restore import build_model
 from flaxseg.training import evaluation, inputs, loop, spec
 from flaxseg.training.sharding import create_mesh, shard_batch
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(name, data_dir):
-    config = default.get_config()
-    config.model.name = name
-    config.model.kwargs = tiny_models.TINY_KWARGS[name]
-    config.dataset = "synthetic"
-    config.data_dir = data_dir
-    config.crop_size = 48
-    config.batch_size = 2
-    config.eval_batch_size = 2
-    config.eval_bucket_multiple = 160  # synthetic images are ≤ 160 px: one eval shape, one compile
-    config.steps = 8
-    config.lr = (
-        0.02  # one rate for all: some paper defaults (DeepLab v2: 2.5e-4) barely move in 8 steps
-    )
-    config.log_every = 1
-    config.progress_bar = False
-    return spec.resolve_config(config)
+pytestmark = pytest.mark.slow  # trains every registered model
 
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_model_trains_and_evaluates(name, data_dir, tmp_path):
-    config = tiny_config(name, data_dir)
+    config = tiny_model_config(name, data_dir)
     mesh = create_mesh()
     model = build_model(spec.model_spec(config))
     tx, _ = loop.create_optimizer(config)

@@ -12,17 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_training import TINY_FCN, tiny_config
+from helpers import TINY_FCN, tiny_config
 
 from flaxseg.serving import checkpoints
 from flaxseg.training import evaluation, loop
 
+pytestmark = pytest.mark.slow  # trains and kills train.py processes
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 def _checksums(directory: Path) -> dict:

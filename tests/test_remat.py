@@ -17,12 +17,14 @@ import numpy as np
 import optax
 import pytest
 import tiny_models
-from test_registry_training import tiny_config
+from helpers import set_model, tiny_model_config
 
 from flaxseg import models
 from flaxseg.configs import default
 from flaxseg.models import backbones
 from flaxseg.training import checkpointing, cli, loop, spec
+
+pytestmark = pytest.mark.slow  # compiles gradients of every backbone with and without remat
 
 NUM_CLASSES = 3
 # What GPU/TPU compilers do by themselves, and the loop does on CPU: keep the barriers.
@@ -131,16 +133,11 @@ def test_remat_wraps_every_unit_of_the_backbone(backbone):
     assert counts == {False: 0, True: units[backbone]}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_train_with_remat_and_resume_without(data_dir, tmp_path):
     # test_registry_training's tiny DeepLab v3+ run, on the smallest ResNet (fewer units to
     # compile).
-    config = tiny_config("deeplabv3plus", data_dir)
-    config.model.kwargs = {**tiny_models.TINY_KWARGS["deeplabv3plus"], "backbone": "resnet18"}
+    kwargs = {**tiny_models.TINY_KWARGS["deeplabv3plus"], "backbone": "resnet18"}
+    config = tiny_model_config("deeplabv3plus", data_dir, kwargs)
     config.remat = True
     if jax.default_backend() == "cpu":  # the step keeps the recomputation (module docstring)
         assert loop.remat_compiler_options(config) == KEEP_REMAT
@@ -155,7 +152,8 @@ def test_train_with_remat_and_resume_without(data_dir, tmp_path):
 
 def test_remat_must_be_a_bool():
     config = default.get_config()
-    config.model.name, config.dataset, config.num_classes = "fcn8s", "synthetic", 3
+    set_model(config, "fcn8s")
+    config.dataset, config.num_classes = "synthetic", 3
     with config.unlocked():
         del config.remat
         config.remat = "yes"

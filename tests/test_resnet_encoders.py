@@ -31,6 +31,8 @@ import segmentation_models_pytorch as smp  # noqa: E402
 import timm  # noqa: E402
 import torchvision  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles full-size ResNets for parity with PyTorch
+
 NEW = ("resnet18", "resnet34", "resnext50_32x4d")
 SIZE = (97, 131)  # odd on purpose: every stride-2 step rounds
 STRIDES = (2, 4, 8, 16, 32)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import images as _images
 from model_helpers import check_train_mode, random_variables
 from tiny_models import TINY_KWARGS
 
@@ -25,10 +26,6 @@ def _torchvision():
     import torchvision
 
     return torchvision
-
-
-def _images(batch, height, width, channels=3, seed=0):
-    return jax.random.normal(jax.random.key(seed), (batch, height, width, channels))
 
 
 def _apply(model, variables, images, **kwargs):

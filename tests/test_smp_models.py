@@ -20,6 +20,8 @@ import_torchvision()  # CUDA wheel on CPU torch: stub its op registrations first
 import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles full smp models for parity with PyTorch
+
 NUM_CLASSES = 3
 HEIGHT, WIDTH = 96, 160  # multiples of 32: every smp model accepts them
 TOLERANCE = 1e-4  # max |flaxseg − smp| / max |smp|

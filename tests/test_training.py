@@ -12,42 +12,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_FCN, tiny_config
 
-from flaxseg.configs import default
 from flaxseg.serving import checkpoints
-from flaxseg.training import cli, evaluation, loop
+from flaxseg.training import evaluation, loop
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **overrides):
-    """A tiny FCN-8s on the synthetic set; ``overrides`` are train.py's flag names or config
-    fields, applied as train.py applies them, except that ``model_kwargs`` replaces the tiny
-    FCN's arguments instead of joining them."""
-    config = default.get_config()
-    config.model.name = "fcn8s"
-    config.model.backbone = "vgg16"
-    config.model.kwargs = {} if "model_kwargs" in overrides else json.loads(TINY_FCN)
-    config.dataset = "synthetic"
-    config.data_dir = data_dir
-    config.crop_size = 64
-    config.batch_size = 4
-    config.eval_batch_size = 4
-    config.steps = 12
-    config.lr = 0.01
-    config.log_every = 3
-    config.eval_every = 1000
-    config.checkpoint_every = 6
-    config.progress_bar = False
-    return cli.apply_overrides(config, overrides)
-
-
+@pytest.mark.slow
 def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
     config = tiny_config(
         data_dir,
@@ -73,6 +46,7 @@ def test_train_lowers_loss_and_writes_checkpoint(data_dir, tmp_path):
     assert summary["report"].splitlines()[-1].startswith("mIoU: ")
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_and_is_exact(data_dir, tmp_path):
     straight = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "straight")
     first = loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "resumed", stop_at_step=6)
@@ -145,6 +119,7 @@ def _run(args, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_train_and_eval_entry_points(data_dir, tmp_path):
     workdir = tmp_path / "wd"
     train = _run(
@@ -258,6 +233,7 @@ print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_mesh_matches_single_device_and_pmap_runs(tmp_path):
     result = _run(
         ["-c", _DATA_PARALLEL], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -288,6 +264,7 @@ def _tiny_resnet_torch_file(path, base_width):
     return flat
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
     source = _tiny_resnet_torch_file(tmp_path / "resnet50.pth", base_width=4)
     config = tiny_config(
@@ -316,6 +293,7 @@ def test_pretrained_backbone_is_loaded_and_reported(data_dir, tmp_path, capsys):
         )
 
 
+@pytest.mark.slow
 def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
     config = tiny_config(
         data_dir,
@@ -334,6 +312,7 @@ def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
         evaluation.evaluate_workdir(tmp_path, output_stride=12)
 
 
+@pytest.mark.slow
 def test_init_from_copies_matching_parameters_of_another_run(data_dir, tmp_path, capsys):
     """FCN's staged training: FCN-16s starts from a trained FCN-32s; the new skip starts at 0."""
     first = tiny_config(data_dir, model="fcn32s", steps=2, checkpoint_every=2)

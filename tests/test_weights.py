@@ -76,6 +76,7 @@ def test_vgg16_matches_torchvision():
     assert_close(features[32], nhwc(pool5), "vgg16 pool5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["deeplabv3_resnet50", "fcn_resnet50"])
 def test_segmentation_model_matches_torchvision(arch):
     torch.manual_seed(1)
@@ -97,6 +98,7 @@ def test_segmentation_model_matches_torchvision(arch):
     assert_close(aux, nhwc(out["aux"]), f"{arch} aux")
 
 
+@pytest.mark.slow
 def test_xception65_matches_timm():
     torch.manual_seed(2)
     reference = randomise_batchnorm(
@@ -313,6 +315,7 @@ def test_missing_file_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- backbones
 
 
+@pytest.mark.slow
 def test_load_pretrained_backbone_from_torchvision_imagenet_file(tmp_path):
     from safetensors.numpy import save_file
 
@@ -361,6 +364,7 @@ def _torch_file(path, flax_variables, key_map, extra=None):
     return state
 
 
+@pytest.mark.slow
 def test_deep_stem_keeps_a_random_stem_with_a_torchvision_file(tmp_path):
     # PSPNet's ResNet has the deep stem; a torchvision file has the 7×7 one.
     tiny = ResNet(depth=50, base_width=4)
@@ -399,6 +403,7 @@ def test_deep_stem_keeps_a_random_stem_with_a_torchvision_file(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_load_pretrained_xception_backbone_from_timm_keys(tmp_path):
     from safetensors.numpy import save_file
 
@@ -551,6 +556,7 @@ def test_every_model_with_a_backbone_is_tested_for_a_round_trip():
     assert with_backbone | {"unet"} == set(_ROUND_TRIPS)  # U-Net: with a ResNet encoder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_ROUND_TRIPS))
 def test_pretrained_backbone_round_trips_a_pytorch_file(tmp_path, name):
     # A random state dict of the PyTorch twin (without the large fc6 classifier, whose folding
