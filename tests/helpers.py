@@ -83,17 +83,9 @@ def tiny_model_config(name, data_dir, kwargs=None):
 def train_tiny_workdir(workdir, data_dir):
     """Trains a tiny U-Net (BatchNorm, so batch_stats are restored too) for 2 steps on the
     synthetic set into ``workdir`` and returns it."""
-    config = default.get_config()
-    set_model(config, "unet", kwargs=TINY_KWARGS["unet"])
-    config.dataset = "synthetic"
-    config.data_dir = data_dir
-    config.crop_size = 48
-    config.batch_size = 2
-    config.eval_batch_size = 2
-    config.eval_bucket_multiple = 160
+    config = tiny_model_config("unet", data_dir)
     config.steps = 2
-    config.progress_bar = False
-    loop.train_and_evaluate(spec.resolve_config(config), workdir, stop_at_step=2)
+    loop.train_and_evaluate(config, workdir, stop_at_step=2)
     return workdir
 
 
