@@ -50,7 +50,9 @@ flags.DEFINE_integer(
     "adv_input_stride", None, "The adversary's input stride (unset: the adversary's paper value)."
 )
 flags.DEFINE_integer("adv_pretrain_steps", 50, "Adversary-only steps first.")
-flags.DEFINE_integer("band", 4, "Trimap half-width in pixels around class boundaries.")
+flags.DEFINE_integer(
+    "band", 4, "Trimap half-width in pixels around class boundaries (0: no trimap evaluation)."
+)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each trains one plain and one adversarial run.")
 
 
@@ -85,7 +87,9 @@ def run(name: str, overrides: dict) -> dict:
             label_transform=functools.partial(
                 band_labels, band=FLAGS.band, ignore_label=config.ignore_label
             ),
-        )["miou"],
+        )["miou"]
+        if FLAGS.band
+        else float("nan"),
         "seconds": seconds,
         "adv_weight": config.adv_weight if config.adversarial else None,
         "adv_input_stride": config.adv_input_stride if config.adversarial else None,

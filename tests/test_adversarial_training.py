@@ -301,3 +301,18 @@ def test_adversarial_run_checkpoints_resumes_exactly_and_evaluates(tmp_path):
         config(steps=3, init_from=str(tmp_path / "plain")), tmp_path / "tuned"
     )
     assert tuned["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("adv_normalization", "mean", r"--config.adv_normalization='mean' is not one of pixels"),
+        ("adv_input_stride", 0, r"--config.adv_input_stride must be a positive integer, got 0"),
+    ],
+)
+def test_bad_adversarial_scale_or_stride_get_one_sentence(field, value, message):
+    config = default.get_config()
+    config.adversarial = "basic"
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        spec.validate_adversarial(spec.resolve_config(config))
