@@ -100,7 +100,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.adversarial = ""
     config.adversary = "largefov"  # flaxseg.models.adversarial.list_adversaries()
     config.adversary_kwargs = {}  # the adversary's constructor arguments, e.g. {"width": 0.25}
-    config.adv_weight = 0.1  # λ of the segmenter's adversarial term
+    # λ of the segmenter's adversarial term on the paper's scale (see adv_normalization);
+    # None = the adversary's value in Luc et al.'s experiments (1, or 0.1 for smallfov).
+    config.adv_weight = config_dict.placeholder(float)
+    # 'pixels': λ·Σ BCE / (non-ignored pixels), i.e. the paper's per-image summed cross-entropy
+    # + λ·BCE divided by the pixel count; 'images': λ·mean BCE (flaxseg < 2026-12, ~H·W× more).
+    config.adv_normalization = "pixels"
+    # The adversary sees the maps sampled every this many pixels; None = the adversary's
+    # paper setting (8 for the VOC nets, 4 for stanford); 1 = full resolution.
+    config.adv_input_stride = config_dict.placeholder(int)
     config.adv_tau = 0.9  # 'scaling': least mass on the true class of a ground-truth map
     config.adv_optimizer = "adam"  # 'adam' or 'sgd' (momentum = config.momentum)
     config.adv_lr = 1e-4

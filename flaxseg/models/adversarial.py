@@ -348,6 +348,21 @@ ADVERSARIES: dict[str, type] = {
 }
 
 
+# The training settings that go with each adversary in Luc et al.'s experiments: λ, the weight
+# of the segmenter's adversarial term on the paper's scale (a cross-entropy summed over each
+# image's pixels plus λ·BCE), and the stride at which the adversary sees the label maps (the
+# segmenter's output resolution: 1/8 for Dilated-8 on VOC, 1/4 for Farabet et al.'s Stanford
+# net). flaxseg.training.adversarial's docstring says which of these the paper's text confirms
+# (none could be read there) and where each comes from.
+PAPER_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "largefov": {"weight": 1.0, "input_stride": 8},
+    "largefov_light": {"weight": 1.0, "input_stride": 8},
+    "smallfov": {"weight": 0.1, "input_stride": 8},
+    "smallfov_light": {"weight": 1.0, "input_stride": 8},
+    "stanford": {"weight": 1.0, "input_stride": 4},
+}
+
+
 def list_adversaries() -> list[str]:
     """Sorted names accepted by ``create_adversary``."""
     return sorted(ADVERSARIES)

@@ -48,10 +48,15 @@ FACT_NAMES = {
 
 def resolve_config(config):
     """A copy of ``config`` with every unset field filled: the model's defaults (learning rate,
-    auxiliary-loss weight) and the dataset's class count."""
+    auxiliary-loss weight), the dataset's class count and the adversary's paper settings (λ,
+    input stride: ``flaxseg.models.adversarial.PAPER_DEFAULTS``)."""
     config = model_configs.resolve(config)
     if config.num_classes is None and config.dataset in data_lib.DATASETS:
         config.num_classes = data_lib.dataset_info(config.dataset).num_classes
+    paper = adversarial_models.PAPER_DEFAULTS.get(config.get("adversary"), {})
+    for field, key in (("adv_weight", "weight"), ("adv_input_stride", "input_stride")):
+        if config.get(field, 0) is None and key in paper:
+            config[field] = paper[key]
     return config
 
 
@@ -147,6 +152,17 @@ def validate_adversarial(config) -> None:
         )
     if not (math.isfinite(config.adv_weight) and config.adv_weight >= 0):
         raise ValueError(f"--adv_weight must be non-negative, got {config.adv_weight}.")
+    from flaxseg.training import adversarial
+
+    if config.adv_normalization not in adversarial.NORMALIZATIONS:
+        raise ValueError(
+            f"--config.adv_normalization={config.adv_normalization!r} is not one of "
+            f"{', '.join(adversarial.NORMALIZATIONS)}."
+        )
+    if config.adv_input_stride < 1:
+        raise ValueError(
+            f"--config.adv_input_stride must be a positive integer, got {config.adv_input_stride}."
+        )
     if not 0 < config.adv_tau <= 1:
         raise ValueError(f"--config.adv_tau must be in (0, 1], got {config.adv_tau}.")
     if config.adv_optimizer not in ADVERSARY_OPTIMIZERS:
