@@ -70,7 +70,8 @@ class DeepLabV3(SegmentationModel):
         'resnet101', 'resnet152', 'xception65', ...); with ``head='smp'`` one that dilates
         smp's way ('resnet50', 'mobilenet_v2', 'efficientnet-b0', ...).
       output_stride: 8, 16 or 32; default 16 ('paper') or 8 ('torchvision', 'smp').
-      multi_grid: layer4 unit rates; default (1, 2, 4) for ResNets with the paper head, else none.
+      multi_grid: layer4 unit rates; default (1, 2, 4) for ResNets with the paper head, else none
+        (with ``head='smp'`` none is passed, so encoders without multi-grid work too).
       head: 'paper', 'torchvision' or 'smp' (see the module docstring).
       aux_head: torchvision's auxiliary FCNHead on the stride-16 features.
       atrous_rates: ASPP rates at output stride 16 (scaled with it; default (6, 12, 18)); with
@@ -115,15 +116,16 @@ class DeepLabV3(SegmentationModel):
         smp_head = self.head == "smp"
         torchvision_head = self.head == "torchvision" or smp_head  # smp's is torchvision's
         output_stride = self.resolve_output_stride(output_stride, 8 if torchvision_head else 16)
-        multi_grid = self.multi_grid or (
-            (1, 1, 1) if torchvision_head else default_multi_grid(self.backbone)
-        )
+        if smp_head:  # smp's encoders have no multi-grid (and may take none: MobileNetV2)
+            options = {"dilation_style": "smp", "multi_grid": self.multi_grid}
+        else:
+            options = {
+                "multi_grid": self.multi_grid
+                or ((1, 1, 1) if torchvision_head else default_multi_grid(self.backbone))
+            }
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        dilation = {"dilation_style": "smp"} if smp_head else {}
-        features = self.create_backbone(
-            output_stride=output_stride, multi_grid=multi_grid, **dilation
-        )(images, train)
+        features = self.create_backbone(output_stride=output_stride, **options)(images, train)
         if smp_head:
             rates = tuple(self.atrous_rates or SMP_ATROUS_RATES)
         else:
