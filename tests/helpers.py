@@ -19,7 +19,6 @@ from flaxseg.training import cli, loop, spec
 
 # The tiny FCN of the training tests (VGG-16 at 1/16 width, fc6/fc7 of 16 channels).
 TINY_FCN = json.dumps({"base_width": 4, "fc_channels": 16})
-_MODEL_FIELDS = ("model", "backbone", "model_kwargs")
 
 
 def set_model(config, name=None, backbone=None, kwargs=None):
@@ -44,8 +43,7 @@ def tiny_config(data_dir, **overrides):
     ``model_kwargs`` replaces the tiny FCN's arguments instead of joining them.
     Not resolved (model defaults unset)."""
     config = default.get_config()
-    set_model(config, "fcn8s", "vgg16", TINY_FCN)
-    set_model(config, *(overrides.pop(field, None) for field in _MODEL_FIELDS))
+    set_model(config, "fcn8s", "vgg16", {} if "model_kwargs" in overrides else TINY_FCN)
     config.dataset = "synthetic"
     config.data_dir = data_dir
     config.crop_size = 64
