@@ -9,6 +9,17 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA:CPU's LLVM back end at -O0: on CPU, compiling dominates these tests (tiny inputs), and -O0
+# compiles a train step ~2x and an ``init`` ~5x faster. It changes how XLA's fused loops are
+# optimised into machine code, not the HLO (fusion, layouts) nor the library calls that do
+# convolutions and matmuls: the numbers are the library's up to float32 rounding (a loop may sum
+# in another order), which tests/test_compile_flags.py checks against the default back end; the
+# parity tolerances (1e-4) are far above it. Set before jax starts;
+# train.py processes that tests launch inherit it. FLAXSEG_TEST_XLA_OPT=default turns it off.
+if os.environ.get("FLAXSEG_TEST_XLA_OPT", "O0") == "O0":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in _flags:
+        os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
 

@@ -173,7 +173,10 @@ def test_drop_path_rate_from_model_kwargs_and_refused_elsewhere():
     config.model.backbone = "efficientnet-b0"
     config.model.kwargs = {"head": "smp", "drop_path_rate": 0.2}
     assert restore.build_model(spec.model_spec(config)).drop_path_rate == 0.2
-    with pytest.raises(ValueError, match=r"drop_path_rate \(stochastic depth\) is an EfficientNet"):
+    with pytest.raises(
+        ValueError,
+        match=r"stochastic depth\) needs an encoder .*efficientnet-b7.*.resnet18. has none",
+    ):
         models.create_model("deeplabv3", num_classes=3, backbone="resnet18", drop_path_rate=0.2)
 
 

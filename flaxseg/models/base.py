@@ -150,10 +150,14 @@ class SegmentationModel(nn.Module):
         if self.bn_momentum is not None:
             check_rate("bn_momentum", self.bn_momentum)
         check_rate("drop_path_rate", self.drop_path_rate)
-        if self.drop_path_rate and self.backbone not in backbones.EFFICIENTNETS:
+        if self.drop_path_rate and not (
+            self.backbone in backbones.names() and backbones.get(self.backbone).drop_path
+        ):
+            takes = [encoder.name for encoder in backbones.encoders() if encoder.drop_path]
             raise ValueError(
-                f"drop_path_rate (stochastic depth) is an EfficientNet encoder option; "
-                f"{self.TITLE} with backbone {self.backbone!r} has none: leave it at 0."
+                f"drop_path_rate (stochastic depth) needs an encoder that has it ("
+                f"{len(takes)} registered ones do, such as {takes[-1]!r}); {self.TITLE} with "
+                f"backbone {self.backbone!r} has none: leave it at 0."
             )
         super().__post_init__()
 
@@ -197,7 +201,7 @@ class SegmentationModel(nn.Module):
         ``base_width`` and ``remat``; ``kwargs`` (``output_stride``, ``multi_grid``, ...) go to
         ``create``."""
         kwargs = {"base_width": getattr(self, "base_width", 64), "remat": self.remat, **kwargs}
-        if self.drop_path_rate:  # EfficientNet's stochastic depth (checked at construction)
+        if self.drop_path_rate:  # the encoder's stochastic depth (checked at construction)
             kwargs["drop_path_rate"] = self.drop_path_rate
         return backbones.create(
             self.backbone, dtype=self.dtype, param_dtype=self.param_dtype, name="backbone", **kwargs

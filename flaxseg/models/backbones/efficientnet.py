@@ -538,6 +538,7 @@ def _encoder(arch: str) -> Encoder:
         build=functools.partial(_build, arch),
         channels=lambda base_width: efficientnet_channels(arch, base_width / 64),
         dilation_styles=("smp",) if smp else ("timm",),
+        drop_path=True,
         key_maps={"smp" if smp else "timm": lambda **_: efficientnet_key_map(arch)},
         fingerprint=functools.partial(_fingerprint, arch),
         head_key_prefixes=head_key_prefixes(arch),

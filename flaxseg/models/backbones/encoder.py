@@ -37,6 +37,8 @@ class Encoder:
       multi_grid: DeepLab v3's default multi-grid of the last stage's units ((1, 2, 4) where it
         has three units, v3 paper Table 3), or None when it takes no ``multi_grid``.
       deep_stem: whether it takes ``deep_stem`` (ResNet's three-conv stem, PSPNet's).
+      drop_path: whether ``build`` takes ``drop_path_rate`` (stochastic depth: EfficientNet's,
+        and the transformer and ConvNeXt encoders'); models refuse a rate for one that does not.
       key_maps: ``{weight source: fn(**options) -> {flax path: torch key}}`` onto the state dict
         of that source's twin (without any prefix): 'torchvision', 'timm', 'smp' (smp's encoder
         without its ``encoder.`` prefix), ...; the first is the default (the ImageNet network).
@@ -61,6 +63,7 @@ class Encoder:
     dilation_styles: tuple[str, ...] = ()
     multi_grid: tuple[int, ...] | None = None
     deep_stem: bool = False
+    drop_path: bool = False
     key_maps: Mapping[str, Callable[..., KeyMap]] = dataclasses.field(default_factory=dict)
     source_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fingerprint: Callable[[Mapping[str, Any]], str | None] | None = None
