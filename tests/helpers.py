@@ -7,6 +7,7 @@ set built once per session; ``trained_workdir``: one tiny finished run).
 """
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +108,10 @@ def reference_logits(restored, image: np.ndarray) -> np.ndarray:
     normalised = pipeline.normalise(image)
     logits = restored["model"].apply(restored["variables"], normalised[None], train=False)
     return np.asarray(logits[0], np.float32)
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a test's subprocess with ``devices`` virtual CPU devices, keeping the
+    flags the tests run under (conftest.py's back-end level)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import xla_flags
 
 from flaxseg.serving import checkpoints
 from flaxseg.training import distributed
@@ -43,7 +44,7 @@ def _env(devices: int) -> dict:
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
     }
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 
 from flaxseg.serving.restore import DTYPES, build_model
 from flaxseg.training import loop, sharding
@@ -126,7 +126,7 @@ def test_mesh_pmap_and_one_device_give_the_same_update(data_dir, tmp_path):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags(8),
         "PYTHONPATH": str(REPO / "tests"),
     }
     result = subprocess.run(

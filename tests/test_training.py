@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_FCN, tiny_config
+from helpers import TINY_FCN, tiny_config, xla_flags
 
 from flaxseg.serving import checkpoints
 from flaxseg.training import evaluation, loop
@@ -235,9 +235,7 @@ print(json.dumps({"err_mesh": err_mesh, "pmap_replicas_differ": max(same),
 
 @pytest.mark.slow
 def test_data_parallel_mesh_matches_single_device_and_pmap_runs(tmp_path):
-    result = _run(
-        ["-c", _DATA_PARALLEL], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    )
+    result = _run(["-c", _DATA_PARALLEL], env={"XLA_FLAGS": xla_flags(2)})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["err_mesh"] < 1e-5, report
