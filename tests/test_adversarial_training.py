@@ -38,7 +38,7 @@ def _batch(seed=0, size=40):
 
 def _state(encoding="basic", seed=0, size=40):
     model = models.create_model(
-        "deeplabv3", num_classes=NUM_CLASSES, backbone="resnet50", base_width=4, aspp_channels=8
+        "deeplabv3", num_classes=NUM_CLASSES, backbone="resnet18", base_width=4, aspp_channels=8
     )
     variables = random_variables(model, jnp.zeros((1, size, size, 3)), seed=seed)
     state = state_lib.TrainState.create(

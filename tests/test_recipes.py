@@ -2,7 +2,7 @@
 groups asserted (which parameters are frozen, ×10, decayed).
 
 The recipes run as written except for what makes them small: tiny widths through the same
-``--model_kwargs`` merge train.py uses, ResNet-50 instead of ResNet-101 (depth, not width,
+``--model_kwargs`` merge train.py uses, ResNet-18 instead of ResNet-101 (depth, not width,
 dominates compile time), 48 px crops, batch 2, 3 steps.
 """
 
@@ -36,7 +36,7 @@ TINY["deeplabv3plus_xception65"] = dict(
 
 def recipe_config(recipe: str, data_dir: str):
     config = importlib.import_module(f"flaxseg.configs.{recipe}").get_config()
-    backbone = config.model.backbone.replace("resnet101", "resnet50")
+    backbone = config.model.backbone.replace("resnet101", "resnet18")
     tiny = TINY.get(f"{config.model.name}_{backbone}", TINY[config.model.name])
     config = cli.apply_overrides(
         config,

@@ -31,7 +31,7 @@ NUM_CLASSES = 3
 KEEP_REMAT = loop.CPU_REMAT_COMPILER_OPTIONS
 IMAGE_SHAPE = (2, 64, 64, 3)
 MODELS = {
-    "deeplabv3plus_resnet50": ("deeplabv3plus", tiny_models.TINY_KWARGS["deeplabv3plus"]),
+    "deeplabv3plus_resnet18": ("deeplabv3plus", tiny_models.TINY_KWARGS["deeplabv3plus"]),
     "unet_efficientnet-b0": ("unet", dict(backbone="efficientnet-b0", base_channels=4)),
 }
 

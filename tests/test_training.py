@@ -296,7 +296,7 @@ def test_deeplab_evaluates_at_another_output_stride(data_dir, tmp_path):
     config = tiny_config(
         data_dir,
         model="deeplabv3",
-        backbone="resnet50",
+        backbone="resnet18",
         steps=1,
         output_stride=16,
         model_kwargs=json.dumps({"base_width": 4, "aspp_channels": 8}),
