@@ -148,8 +148,8 @@ def _init(model, channels):
 def test_pretrained_resnet_stem_for_one_channel_gives_the_rgb_model_on_grey_images(tmp_path):
     from flaxseg.models.backbones.resnet import ResNet, torchvision_resnet_key_map
 
-    path = tmp_path / "resnet50.pth"
-    state = _torch_file(path, ResNet(depth=50, base_width=4), torchvision_resnet_key_map(50))
+    path = tmp_path / "resnet18.pth"  # the tiny DeepLab's backbone (tests/tiny_models.py)
+    state = _torch_file(path, ResNet(depth=18, base_width=4), torchvision_resnet_key_map(18))
     rgb_model, gray_model = _tiny("deeplabv3"), _tiny("deeplabv3", in_channels=1)
     rgb, _ = weights.load_pretrained_backbone(_init(rgb_model, 3), path, rgb_model)
     gray, report = weights.load_pretrained_backbone(_init(gray_model, 1), path, gray_model)

@@ -131,30 +131,34 @@ def test_pspnet_recipe_follows_semseg():
 # -------------------------------------------------- 9. EfficientNet drop path (stochastic depth)
 
 
+def _variants(images, name, **kwargs):
+    """``build(**changes)``: tiny model ``name`` with ``kwargs`` and ``changes``, and the
+    variables of ``build()`` (one init, shared by every variant: none adds a variable)."""
+
+    def build(**changes):
+        return models.create_model(name, num_classes=3, **{**kwargs, **changes})
+
+    return build, jax.jit(build().init)(jax.random.key(1), images)
+
+
+def _train_mode(model, variables, images, key):
+    """``model`` in train mode: (logits, the batch-statistics updates)."""
+    fn = lambda v, x, k: model.apply(  # noqa: E731
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k}
+    )
+    return jax.jit(fn)(variables, images, key)
+
+
 @pytest.fixture(scope="module")
 def efficientnet_unet():
-    def build(rate):
-        return models.create_model(
-            "unet",
-            num_classes=3,
-            backbone="efficientnet_b0",
-            base_channels=8,
-            drop_path_rate=rate,
-        )
-
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = jax.jit(build(0.0).init)(jax.random.key(1), images)
+    build, variables = _variants(images, "unet", backbone="efficientnet_b0", base_channels=8)
 
     def run(rate, train, key):
-        model = build(rate)
+        model = build(drop_path_rate=rate)
         if not train:
             return jax.jit(lambda v, x: model.apply(v, x))(variables, images)
-        fn = jax.jit(
-            lambda v, x, k: model.apply(
-                v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k}
-            )[0]
-        )
-        return fn(variables, images, key)
+        return _train_mode(model, variables, images, key)[0]
 
     return run
 
@@ -262,26 +266,13 @@ def test_deeplabv3_recipes_set_tf_batchnorm_decay():
 
 
 def test_bn_momentum_moves_running_statistics_by_it():
-    def build(momentum):
-        return models.create_model(
-            "deeplabv3",
-            num_classes=3,
-            backbone="resnet18",
-            base_width=4,
-            aspp_channels=8,
-            bn_momentum=momentum,
-        )
-
     images = jax.random.normal(jax.random.key(0), (2, 33, 33, 3)) * 2.0 + 0.5
-    variables = jax.jit(build(None).init)(jax.random.key(1), images)
+    build, variables = _variants(
+        images, "deeplabv3", backbone="resnet18", base_width=4, aspp_channels=8
+    )
     stats = {}
     for momentum in (None, 0.9997):
-        model = build(momentum)
-        _, updates = jax.jit(
-            lambda v, x, m=model: m.apply(
-                v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}
-            )
-        )(variables, images)
+        _, updates = _train_mode(build(bn_momentum=momentum), variables, images, jax.random.key(2))
         stats[momentum] = traverse_util.flatten_dict(updates["batch_stats"])
     old = traverse_util.flatten_dict(variables["batch_stats"])
     assert old.keys() == stats[None].keys() == stats[0.9997].keys()  # no variable changes
@@ -291,7 +282,7 @@ def test_bn_momentum_moves_running_statistics_by_it():
         batch_tf = (stats[0.9997][path] - 0.9997 * start) / 0.0003
         np.testing.assert_allclose(batch_tf, batch_default, rtol=2e-3, atol=2e-3, err_msg=path)
     with pytest.raises(ValueError, match=r"bn_momentum must be in \[0, 1\), got 1.5"):
-        build(1.5)
+        build(bn_momentum=1.5)
 
 
 # --------------------------------------------------------- 12. slide inference: MMSeg's formula
