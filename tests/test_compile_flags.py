@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 PROGRAM = textwrap.dedent(
     """
@@ -60,7 +61,8 @@ def _run(path, xla_flags):
 
 
 def test_the_tests_back_end_gives_the_default_back_ends_numbers(tmp_path):
-    assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"]
+    if "--xla_backend_optimization_level=0" not in os.environ.get("XLA_FLAGS", ""):
+        pytest.skip("FLAXSEG_TEST_XLA_OPT=default: the tests already use the default back end")
     default = _run(tmp_path / "default.npz", "")
     tests = _run(tmp_path / "tests.npz", os.environ["XLA_FLAGS"])
     assert str(default["flags"]) == "" and "level=0" in str(tests["flags"])

@@ -154,9 +154,10 @@ class SegmentationModel(nn.Module):
             self.backbone in backbones.names() and backbones.get(self.backbone).drop_path
         ):
             takes = [encoder.name for encoder in backbones.encoders() if encoder.drop_path]
+            example = f", such as {takes[-1]!r}" if takes else ""
             raise ValueError(
                 f"drop_path_rate (stochastic depth) needs an encoder that has it ("
-                f"{len(takes)} registered ones do, such as {takes[-1]!r}); {self.TITLE} with "
+                f"{len(takes)} registered ones do{example}); {self.TITLE} with "
                 f"backbone {self.backbone!r} has none: leave it at 0."
             )
         super().__post_init__()
