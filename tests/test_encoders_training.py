@@ -82,4 +82,7 @@ def test_scaled_efficientnets_fit_inside_unet(encoder):
     )
     logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
     assert logits.shape == (1, 64, 96, 3)
-    assert variables["params"]["backbone"], encoder
+    # The scaled encoder is the one built: every B1…B7 is deeper (more arrays) than B0.
+    reference = models.create_model("unet", num_classes=3, backbone="efficientnet-b0")
+    b0 = jax.eval_shape(functools.partial(reference.init, train=False), jax.random.key(0), images)
+    assert len(jax.tree.leaves(variables)) > len(jax.tree.leaves(b0)), encoder
